@@ -26,3 +26,47 @@ EMOTIONS = (
 def normalize_emotion(text: str) -> str:
     """Case- and whitespace-normalized emotion label ("  Anxious\n" -> "anxious")."""
     return " ".join(text.split()).lower()
+
+
+_XML_STYLE = {f"<{name}>": SPAN_MARKERS[name][0] for name in SPAN_NAMES} | {
+    f"</{name}>": SPAN_MARKERS[name][1] for name in SPAN_NAMES
+}
+
+
+def normalize_tags(text: str) -> str:
+    """Rewrites `<understanding>…</understanding>`-style tags to the `<|understanding_begin|>` markers."""
+    for tag, marker in _XML_STYLE.items():
+        text = text.replace(tag, marker)
+    return text
+
+
+def parse_spans(text: str) -> dict[str, str] | None:
+    """The four spans of an assistant turn, or None if it is not well formed.
+
+    Well formed (the paper's format reward): every marker appears exactly once, the spans come in the
+    order understanding, reasoning, emotion, response, each span has non-whitespace content, and only
+    whitespace lies outside the spans. Both tag styles are accepted. Span texts are stripped.
+    """
+    text = normalize_tags(text)
+    if any(text.count(marker) != 1 for marker in MARKER_TOKENS):
+        return None
+    spans, cursor = {}, 0
+    for name in SPAN_NAMES:
+        begin, end = SPAN_MARKERS[name]
+        start = text.index(begin)
+        stop = text.index(end)
+        if start < cursor or stop < start or text[cursor:start].strip():
+            return None
+        content = text[start + len(begin):stop].strip()
+        if not content:
+            return None
+        spans[name] = content
+        cursor = stop + len(end)
+    if text[cursor:].strip():
+        return None
+    return spans
+
+
+def join_spans(spans: dict[str, str]) -> str:
+    """The canonical marker text of four spans (inverse of `parse_spans`)."""
+    return "".join(f"{SPAN_MARKERS[n][0]}{spans[n]}{SPAN_MARKERS[n][1]}" for n in SPAN_NAMES)
