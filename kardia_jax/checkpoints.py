@@ -1,0 +1,450 @@
+"""Checkpoints with Orbax: params, optimizer state, data-iterator state, RNG key, step, config snapshot.
+
+One `Checkpointer` serves both trainers (SFT and GRPO). A checkpoint for step `s` is the directory
+`<directory>/<s>/` with one Orbax item per part:
+
+    params/          model parameters (any pytree of jax.Array, possibly sharded; or an nnx.State)
+    opt_state/       optimizer state (optax pytree, or the nnx.State of an nnx.Optimizer); optional
+    trainer_state/   JSON: the step and the RNG key (key data + PRNG implementation name)
+    data_iterator/   JSON, one file per process: that process's data-iterator state (dict or bytes)
+    metadata/        JSON: a small metadata dict, e.g. the config snapshot
+
+Arrays are restored onto the shardings of the abstract arrays the caller passes, so a checkpoint written
+on one mesh can be read on another (a different slice size, or a CPU).
+
+Crash safety: Orbax writes each step into `<s>.orbax-checkpoint-tmp-<timestamp>/` and renames it to
+`<s>/` only when every item is complete (on GCS, where there is no atomic rename, it writes a commit
+marker instead). A save interrupted half way is therefore never seen as the latest step.
+
+Multi-host: every process must call `save`, `restore*`, `wait_until_finished` and `close`, with the same
+step; Orbax coordinates the processes (each writes its own shards; JSON items are written by process 0,
+except the data-iterator state, which each process writes for itself).
+
+Preemption: `PreemptionGuard` turns SIGTERM into "save at the next step boundary, then stop".
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+_PARAMS = "params"
+_OPT_STATE = "opt_state"
+_TRAINER_STATE = "trainer_state"
+_DATA_ITERATOR = "data_iterator"
+_METADATA = "metadata"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data-iterator state: one JSON file per process (each host reads its own shard of the data).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _process_filename(process_index: int, process_count: int) -> str:
+    return f"process_{process_index}-of-{process_count}.json"
+
+
+class _PerProcessJsonHandler(ocp.CheckpointHandler):
+    """Orbax handler that writes one small JSON document per process.
+
+    The data-iterator state differs between processes, so it cannot go through `JsonSave` (which only
+    process 0 writes). The state may be a JSON-serializable dict (Grain `DatasetIterator.get_state()`)
+    or bytes (Grain `DataLoaderIterator.get_state()`); bytes are stored base64-encoded.
+    """
+
+    def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
+        state = args.state
+        if state is None:
+            document = {"format": "none", "value": None}
+        elif isinstance(state, (bytes, bytearray)):
+            document = {"format": "bytes", "value": base64.b64encode(bytes(state)).decode("ascii")}
+        else:
+            document = {"format": "json", "value": state}
+        path = directory / _process_filename(jax.process_index(), jax.process_count())
+        path.write_text(json.dumps(document))
+
+    def restore(self, directory: epath.Path, args: DataIteratorRestore | None = None) -> Any:
+        del args
+        path = directory / _process_filename(jax.process_index(), jax.process_count())
+        if not path.exists():
+            found = sorted(p.name for p in directory.iterdir())
+            raise FileNotFoundError(
+                f"No data-iterator state for process {jax.process_index()} of {jax.process_count()} in "
+                f"{directory} (found: {found}). The checkpoint was written by a different number of "
+                "processes; restart the data pipeline from scratch by restoring with "
+                "`restore_data_iterator=False`."
+            )
+        document = json.loads(path.read_text())
+        if document["format"] == "bytes":
+            return base64.b64decode(document["value"])
+        return document["value"]
+
+
+@ocp.args.register_with_handler(_PerProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    """Orbax save args for the data-iterator state (dict, bytes or None)."""
+
+    state: Mapping[str, Any] | bytes | None
+
+
+@ocp.args.register_with_handler(_PerProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    """Orbax restore args for the data-iterator state."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conversions between what trainers hold and what Orbax stores.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _to_storable_tree(tree: Any, what: str) -> Any:
+    """nnx.State -> pure dict; other pytrees pass through. Rejects typed PRNG keys (pass them as `rng`)."""
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            raise TypeError(
+                f"{what} contains a PRNG key at {jax.tree_util.keystr(path)}. Checkpoint only the "
+                "parameters (e.g. `nnx.state(model, nnx.Param)`) and pass the key as `rng=`."
+            )
+    return tree
+
+
+def _check_target_shardings(abstract_tree: Any, what: str) -> None:
+    """Every target leaf needs a sharding: that is where the restored array will live."""
+    missing = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_tree)
+        if getattr(leaf, "sharding", None) is None
+    ]
+    if missing:
+        raise ValueError(
+            f"{what}: {len(missing)} leaves have no sharding (first: {missing[:3]}). Pass "
+            "jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves (e.g. from jax.eval_shape of the "
+            "sharded init function) or the freshly initialized, sharded arrays themselves."
+        )
+
+
+def _rng_to_json(rng: jax.Array | None) -> dict[str, Any] | None:
+    if rng is None:
+        return None
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return {
+            "impl": str(jax.random.key_impl(rng)),
+            "data": np.asarray(jax.device_get(jax.random.key_data(rng))).tolist(),
+        }
+    if rng.dtype != jnp.uint32:
+        raise TypeError(
+            f"rng must be a typed key (jax.random.key) or raw uint32 key data (jax.random.PRNGKey); "
+            f"got dtype {rng.dtype}."
+        )
+    return {"impl": None, "data": np.asarray(jax.device_get(rng)).tolist()}
+
+
+def _rng_from_json(saved: dict[str, Any] | None) -> jax.Array | None:
+    if saved is None:
+        return None
+    data = jnp.asarray(np.asarray(saved["data"], dtype=np.uint32))
+    if saved["impl"] is None:
+        return data
+    return jax.random.wrap_key_data(data, impl=saved["impl"])
+
+
+def _metadata_to_json(metadata: Any) -> dict[str, Any]:
+    """Validates and deep-copies the metadata now, so a later edit by the caller cannot race the save."""
+    if metadata is None:
+        return {}
+    if hasattr(metadata, "to_dict"):  # ml_collections.ConfigDict
+        metadata = metadata.to_dict()
+    try:
+        return json.loads(json.dumps(metadata))
+    except TypeError as error:
+        raise TypeError(
+            f"checkpoint metadata must be JSON-serializable (str/int/float/bool/None, lists, dicts): "
+            f"{error}. Convert such values to strings before saving."
+        ) from error
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """Everything read back from one checkpoint.
+
+    `params` and `opt_state` have the structure, shardings and (for nnx.State targets) the type of
+    the abstract trees passed to `restore`; `opt_state` is None when it was not requested.
+    `rng` is the saved key (typed or raw, as saved) on the default device, or None.
+    """
+
+    step: int
+    params: Any
+    opt_state: Any
+    data_iterator_state: Mapping[str, Any] | bytes | None
+    rng: jax.Array | None
+    metadata: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves and restores training checkpoints under `directory` (a local path or `gs://...`).
+
+    Args:
+      directory: root directory; created if missing.
+      save_interval_steps: `save(step)` writes only when `step % save_interval_steps == 0`, or when
+        forced, or at a multi-host preemption sync point.
+      max_to_keep: number of most recent checkpoints kept; older ones are deleted. None keeps all.
+      async_save: write in a background thread. `save` returns once the arrays are copied to host
+        memory, so the caller may then donate or overwrite them.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_interval_steps: int = 1,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+    ):
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}.")
+        directory = os.fspath(directory)
+        if "://" not in directory:
+            directory = os.path.abspath(directory)
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=policies.AnySavePolicy(
+                [policies.FixedIntervalPolicy(save_interval_steps), policies.PreemptionCheckpointingPolicy()]
+            ),
+            preservation_policy=policies.LatestN(max_to_keep),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(directory, options=options)
+
+    @property
+    def directory(self) -> epath.Path:
+        return self._manager.directory
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> Sequence[int]:
+        """Steps of all complete checkpoints, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        params: Any,
+        opt_state: Any = None,
+        *,
+        data_iterator_state: Mapping[str, Any] | bytes | None = None,
+        rng: jax.Array | None = None,
+        metadata: Any = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves a checkpoint for `step` if the save interval (or `force`) says so. All processes call it.
+
+        Args:
+          step: the training step the state belongs to (usually: number of updates done).
+          params: pytree of arrays or nnx.State (e.g. `nnx.state(model, nnx.Param)`).
+          opt_state: optax state pytree or `nnx.state(optimizer)`; None to save parameters only.
+          data_iterator_state: this process's `iterator.get_state()` (dict or bytes), or None.
+          rng: a typed key (`jax.random.key`) or raw uint32 key data; replicated, not sharded.
+          metadata: JSON-serializable dict or ConfigDict, e.g. the config.
+          force: save regardless of the interval (final step, preemption). A step that already has
+            a checkpoint is never overwritten.
+
+        Returns:
+          Whether a save was started.
+        """
+        if step in self._manager.all_steps():
+            logging.info("Checkpoint for step %d already exists in %s; not saving again.", step, self.directory)
+            return False
+        if not force and not self._manager.should_save(step):
+            return False
+        items = {
+            _PARAMS: ocp.args.StandardSave(_to_storable_tree(params, "params")),
+            _TRAINER_STATE: ocp.args.JsonSave({"step": int(step), "rng": _rng_to_json(rng)}),
+            _DATA_ITERATOR: DataIteratorSave(data_iterator_state),
+            _METADATA: ocp.args.JsonSave(_metadata_to_json(metadata)),
+        }
+        if opt_state is not None:
+            items[_OPT_STATE] = ocp.args.StandardSave(_to_storable_tree(opt_state, "opt_state"))
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(
+        self,
+        step: int,
+        abstract_params: Any,
+        abstract_opt_state: Any = None,
+        *,
+        restore_data_iterator: bool = True,
+    ) -> Restored:
+        """Restores the checkpoint of `step` onto the shardings of the abstract trees.
+
+        Args:
+          step: a step from `all_steps()`.
+          abstract_params: the parameter tree to restore into: leaves are `jax.ShapeDtypeStruct` with
+            `.sharding`, or concrete sharded arrays (only shape, dtype and sharding are read). An
+            nnx.State comes back as an nnx.State; a pure dict as a pure dict.
+          abstract_opt_state: the same for the optimizer state; None to skip it (e.g. evaluation).
+          restore_data_iterator: False to ignore the saved data-iterator state (returned as None).
+        """
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"No complete checkpoint for step {step} in {self.directory}; available steps: "
+                f"{self.all_steps()}."
+            )
+        targets = {_PARAMS: abstract_params}
+        if abstract_opt_state is not None:
+            targets[_OPT_STATE] = abstract_opt_state
+        items: dict[str, ocp.args.CheckpointArgs] = {
+            _TRAINER_STATE: ocp.args.JsonRestore(),
+            _METADATA: ocp.args.JsonRestore(),
+        }
+        for name, target in targets.items():
+            pure_target = _to_storable_tree(target, name)
+            _check_target_shardings(pure_target, f"restore target for {name!r}")
+            items[name] = ocp.args.StandardRestore(pure_target)
+        if restore_data_iterator:
+            items[_DATA_ITERATOR] = DataIteratorRestore()
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (KeyError, ValueError) as error:
+            raise ValueError(
+                f"Could not restore step {step} from {self.directory}: {error}\nThe abstract trees must "
+                "match what was saved (same structure, shapes and dtypes); pass abstract_opt_state=None "
+                "for a checkpoint saved without optimizer state."
+            ) from error
+
+        def as_target_type(name: str) -> Any:
+            target = targets.get(name)
+            if target is None:
+                return None
+            if isinstance(target, nnx.State):
+                state = jax.tree.map(lambda leaf: leaf, target)  # A copy: the caller's tree stays abstract.
+                nnx.replace_by_pure_dict(state, restored[name])
+                return state
+            return restored[name]
+
+        trainer_state = restored[_TRAINER_STATE]
+        return Restored(
+            step=int(trainer_state["step"]),
+            params=as_target_type(_PARAMS),
+            opt_state=as_target_type(_OPT_STATE),
+            data_iterator_state=restored[_DATA_ITERATOR] if restore_data_iterator else None,
+            rng=_rng_from_json(trainer_state["rng"]),
+            metadata=dict(restored[_METADATA]),
+        )
+
+    def restore_latest(
+        self,
+        abstract_params: Any,
+        abstract_opt_state: Any = None,
+        *,
+        restore_data_iterator: bool = True,
+    ) -> Restored | None:
+        """Restores the newest complete checkpoint (see `restore`), or returns None if there is none."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        return self.restore(
+            step, abstract_params, abstract_opt_state, restore_data_iterator=restore_data_iterator
+        )
+
+    def wait_until_finished(self) -> None:
+        """Blocks until any background save has been written and committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases Orbax's resources."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class PreemptionGuard:
+    """Turns a preemption notice (SIGTERM) into "save at the next step boundary, then stop".
+
+    Single process: installs a handler for `signals` that only sets a flag; the previous handlers are
+    put back on exit. Multi-process (`jax.process_count() > 1`): installs nothing, because JAX's
+    distributed runtime already catches SIGTERM and agrees with the other processes on a common step
+    (`multihost_utils.reached_preemption_sync_point`); a per-process flag would make the processes
+    disagree and hang in the collective save. Call `reached(step)` once per step on every process.
+
+        with PreemptionGuard() as preemption:
+            for step in range(start, total_steps):
+                ...  # one update
+                stop = preemption.reached(step + 1)
+                ckpt.save(step + 1, params, opt_state, ..., force=stop or step + 1 == total_steps)
+                if stop:
+                    break
+        ckpt.close()
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
+        self._signals = tuple(signals)
+        self._previous_handlers: dict[int, Any] = {}
+        self._received: int | None = None
+
+    @property
+    def signal_received(self) -> int | None:
+        """The signal number received, if any (single-process mode only)."""
+        return self._received
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self._received = signum
+        logging.warning("Received %s: will save a checkpoint and stop at the next step boundary.",
+                        signal.Signals(signum).name)
+
+    def __enter__(self) -> PreemptionGuard:
+        if jax.process_count() > 1:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(
+                "PreemptionGuard must be entered on the main thread (Python only delivers signals "
+                "there); enter it in the trainer's main loop, not in a worker thread."
+            )
+        for signum in self._signals:
+            self._previous_handlers[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def reached(self, step: int) -> bool:
+        """True when the trainer should save now and stop. Call at every step, on every process."""
+        if self._received is not None:
+            return True
+        if jax.process_count() == 1:
+            return False
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # Preemption service disabled (jax_enable_preemption_service=False).
+            return False
