@@ -277,7 +277,8 @@ class Checkpointer:
           Whether a save was started.
         """
         if step in self._manager.all_steps():
-            logging.info("Checkpoint for step %d already exists in %s; not saving again.", step, self.directory)
+            logging.info("Checkpoint for step %d already exists in %s; not saving again.", step,
+                         self.directory)
             return False
         if not force and not self._manager.should_save(step):
             return False
