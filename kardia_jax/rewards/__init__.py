@@ -1,0 +1,16 @@
+"""Rewards on token ids, computed in-graph: format, emotion, rubric judge, and their combination."""
+
+from kardia_jax.rewards.combine import DEFAULT_WEIGHTS, RUBRIC_CRITERIA, rubric_reward, total_reward
+from kardia_jax.rewards.emotion import build_label_table, emotion_reward
+from kardia_jax.rewards.format import format_reward, whitespace_token_ids
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "RUBRIC_CRITERIA",
+    "build_label_table",
+    "emotion_reward",
+    "format_reward",
+    "rubric_reward",
+    "total_reward",
+    "whitespace_token_ids",
+]
