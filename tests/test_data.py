@@ -1,0 +1,332 @@
+"""Data: schema validation, sources, turn samples, the shipped sample and the Grain pipelines."""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from kardia_jax.data import pipeline, prompts, schema, sources
+from kardia_jax.data.spans import EMOTIONS, MARKER_TOKENS, SPAN_NAMES, parse_spans
+from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _turn(understanding="You lost your keys.", emotion="annoyed", xml=False):
+    spans = {"understanding": understanding, "reasoning": "Losing things is a hassle.", "emotion": emotion,
+             "response": "That is frustrating. Want to retrace your steps?"}
+    if xml:
+        return "".join(f"<{n}>{spans[n]}</{n}>" for n in SPAN_NAMES)
+    return "".join(f"<|{n}_begin|>{spans[n]}<|{n}_end|>" for n in SPAN_NAMES)
+
+
+def _row(pairs=3, xml=False, emotion="Annoyed "):
+    messages = [{"role": "system", "content": "Profile: INTJ. Situation: lost keys."}]
+    for k in range(pairs):
+        messages.append({"role": "user", "content": f"User message {k}."})
+        messages.append({"role": "assistant", "content": _turn(understanding=f"Turn {k}.", xml=xml)})
+    return {"person": "MBTI: INTJ\nAbout: I fix clocks.", "mbti": "INTJ", "emotion": emotion,
+            "situation": "They lost their keys.", "anon_username": "user_1", "messages": messages}
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(tokenizer_path())
+
+
+@pytest.fixture(scope="module")
+def train_samples():
+    samples, _ = pipeline.load_samples(sources.sample_path(), "train")
+    return samples
+
+
+# Schema and prompts.
+
+
+def test_both_tag_styles_parse_to_the_same_dialogue():
+    markers = schema.parse_dialogue(_row(xml=False), path="a.jsonl", row=1)
+    tags = schema.parse_dialogue(_row(xml=True), path="a.jsonl", row=1)
+    assert markers.messages == tags.messages
+    assert parse_spans(_turn(xml=True)) == parse_spans(_turn(xml=False))
+    assert all(m in markers.messages[2]["content"] for m in MARKER_TOKENS)
+    assert markers.emotion == "annoyed"
+
+
+def test_a_dialogue_with_k_assistant_turns_gives_k_samples_with_the_history_as_prompt():
+    dialogue = schema.parse_dialogue(_row(pairs=3), path="a.jsonl", row=7, dialogue_id="train-7")
+    samples = prompts.expand_dialogue(dialogue)
+    assert [s.turn_index for s in samples] == [0, 1, 2]
+    for k, sample in enumerate(samples):
+        assert sample.prompt == dialogue.messages[:2 + 2 * k]
+        assert sample.prompt[-1] == {"role": "user", "content": f"User message {k}."}
+        assert parse_spans(sample.target)["understanding"] == f"Turn {k}."
+        assert (sample.dialogue_id, sample.row, sample.emotion) == ("train-7", 7, "annoyed")
+    assert samples[2].prompt[2]["content"] == dialogue.messages[2]["content"]  # history keeps all four spans
+
+
+def _bad(mutate):
+    row = _row()
+    mutate(row)
+    return row
+
+
+BAD_ROWS = {
+    "missing_field": (lambda r: r.pop("situation"), "situation"),
+    "wrong_type": (lambda r: r.update(mbti=4), "mbti"),
+    "bad_spans": (lambda r: r["messages"][4].update(content="<|understanding_begin|>only this<|understanding_end|>"),
+                  "messages[4].content"),
+    "unknown_emotion": (lambda r: r.update(emotion="happyish"), "emotion"),
+    "role_order": (lambda r: r["messages"][1].update(role="assistant"), "messages[1].role"),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_ROWS))
+def test_each_bad_row_raises_a_named_error_and_is_counted_when_skipped(tmp_path, reason):
+    mutate, field = BAD_ROWS[reason]
+    path = _write_jsonl(tmp_path / "train.jsonl", [_row(), _bad(mutate)])
+    with pytest.raises(schema.DataError) as raised:
+        sources.load_dialogues(path, "train")
+    error = raised.value
+    assert (error.path, error.row, error.field, error.reason) == (path, 2, field, reason)
+    assert path in str(error) and "row 2" in str(error) and f"'{field}'" in str(error) and "Fix:" in str(error)
+    dialogues, stats = sources.load_dialogues(path, "train", on_bad_row="skip")
+    assert len(dialogues) == 1 and stats.rows_read == 2 and stats.skipped == {reason: 1}
+
+
+def test_invalid_json_and_misspelled_emotion_say_how_to_fix(tmp_path):
+    path = _write_jsonl(tmp_path / "train.jsonl", [_row(), "{not json", _row(emotion="anxiuos")])
+    _, stats = sources.load_dialogues(path, "train", on_bad_row="skip")
+    assert stats.skipped == {"bad_json": 1, "unknown_emotion": 1} and stats.dialogues == 1
+    with pytest.raises(schema.DataError, match="Did you mean 'anxious'"):
+        schema.parse_dialogue(_row(emotion="anxiuos"), path=path, row=3)
+
+
+def test_difficulty_from_the_row_or_from_the_rule():
+    stated = _row(pairs=2)
+    stated["messages"][3]["content"] = "I am so annoyed."
+    dialogue = schema.parse_dialogue(stated, path="a", row=1)
+    assert [s.difficulty for s in prompts.expand_dialogue(dialogue)] == ["hard", "easy"]
+    by_turn = prompts.DifficultyRule(kind="turn_index", easy_turns=1)
+    assert [s.difficulty for s in prompts.expand_dialogue(dialogue, by_turn)] == ["easy", "hard"]
+    marked = schema.parse_dialogue({**stated, "difficulty": "hard"}, path="a", row=1)
+    assert {s.difficulty for s in prompts.expand_dialogue(marked)} == {"hard"}
+
+
+# Sources.
+
+
+def test_directory_parquet_and_jsonl_sources_agree(tmp_path):
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+    rows = [_row(pairs=2), _row(pairs=3, xml=True)]
+    _write_jsonl(tmp_path / "test.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    from_jsonl, _ = sources.load_dialogues(str(tmp_path), "test")
+    from_parquet, stats = sources.load_dialogues(str(tmp_path), "train")
+    assert stats.source.endswith("train.parquet")
+    assert [d.messages for d in from_jsonl] == [d.messages for d in from_parquet]
+    with pytest.raises(FileNotFoundError, match="No validation.jsonl"):
+        sources.load_dialogues(str(tmp_path), "validation")
+
+
+class _FakeBlob:
+    def __init__(self, root, name):
+        self.name, self._path = name, root / name
+
+    def exists(self):
+        return self._path.is_file()
+
+    def download_as_bytes(self):
+        return self._path.read_bytes()
+
+
+class _FakeClient:
+    """google.cloud.storage.Client over a local directory standing for bucket 'bkt'."""
+
+    def __init__(self, root):
+        self._root = root
+
+    def bucket(self, name):
+        assert name == "bkt"
+        return self
+
+    def blob(self, name):
+        return _FakeBlob(self._root, name)
+
+
+def test_gcs_source_reads_through_the_storage_client(tmp_path, monkeypatch):
+    (tmp_path / "kardia").mkdir()
+    _write_jsonl(tmp_path / "kardia" / "train.jsonl", [_row(), _row()])
+    monkeypatch.setattr(sources, "_gcs_client", lambda: _FakeClient(tmp_path))
+    dialogues, stats = sources.load_dialogues("gs://bkt/kardia", "train")
+    assert len(dialogues) == 2 and stats.source == "gs://bkt/kardia/train.jsonl"
+    assert len(sources.load_dialogues("gs://bkt/kardia/train.jsonl", "train")[0]) == 2
+    with pytest.raises(FileNotFoundError, match="No test.jsonl"):
+        sources.load_dialogues("gs://bkt/kardia", "test")
+
+
+def test_hf_source_calls_load_dataset_with_the_split(monkeypatch):
+    import datasets  # pylint: disable=import-outside-toplevel
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return [_row(), _row(emotion="joyful")]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    dialogues, stats = sources.load_dialogues("hf://Jhcircle/KardiaBench", "test")
+    assert calls == [("Jhcircle/KardiaBench", "test")]
+    assert [d.emotion for d in dialogues] == ["annoyed", "joyful"] and dialogues[1].dialogue_id == "test-000002"
+
+
+# The shipped sample.
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_sample_covers_all_emotions_with_disjoint_personas():
+    train, train_stats = sources.load_dialogues(sources.sample_path(), "train")
+    test, _ = sources.load_dialogues(sources.sample_path(), "test")
+    assert train_stats.rows_skipped == 0
+    assert {d.emotion for d in train} == set(EMOTIONS)
+    assert not {d.person for d in train} & {d.person for d in test}
+    assert 7 <= np.mean([len(d.messages) - 1 for d in train + test]) <= 9  # messages after the system one
+    raw = (pathlib.Path(sources.sample_path()) / "train.jsonl").read_text()
+    assert "<understanding>" in raw and "<|understanding_begin|>" in raw
+    samples = prompts.expand_dialogues(train)
+    assert {s.difficulty for s in samples} == {"easy", "hard"}
+
+
+def test_committed_sample_equals_a_fresh_run_of_the_script():
+    module = _load_script("make_sample_data")
+    for name, rows in zip(("train", "test"), module.build_sample()):
+        committed = (pathlib.Path(sources.sample_path()) / f"{name}.jsonl").read_text(encoding="utf-8")
+        assert committed == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+# Pipelines.
+
+
+def _order(pipe):
+    return np.concatenate([b["sample_index"] for b in pipe]).tolist()
+
+
+def test_shuffle_is_deterministic_per_seed(train_samples, tokenizer):
+    def order(seed):
+        config = pipeline.BatchConfig(global_batch_size=4, max_length=512, seed=seed)
+        return _order(pipeline.grpo_pipeline(train_samples, tokenizer, config, subset="all", process_index=0,
+                                             process_count=1))
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+    assert sorted(order(0)) == list(range(len(train_samples)))
+
+
+def test_processes_see_disjoint_shards_that_cover_the_data(train_samples, tokenizer):
+    config = pipeline.BatchConfig(global_batch_size=2, max_length=512)
+    shards = [_order(pipeline.grpo_pipeline(train_samples, tokenizer, config, subset="all", process_index=p,
+                                            process_count=2)) for p in range(2)]
+    assert len(train_samples) % 2 == 0
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(len(train_samples)))
+
+
+def test_a_restored_iterator_continues_with_the_next_batches(train_samples, tokenizer):
+    config = pipeline.BatchConfig(global_batch_size=16, max_length=384, num_epochs=None, seed=3)
+    pipe = pipeline.sft_pipeline(train_samples, tokenizer, config, subset="all", process_index=0, process_count=1)
+    steps = pipe.batches_per_epoch + 2  # the saved state lies in the second epoch
+    uninterrupted = iter(pipe)
+    for _ in range(steps):
+        next(uninterrupted)
+    state = json.loads(json.dumps(uninterrupted.get_state()))  # what a checkpoint stores
+    expected = [next(uninterrupted) for _ in range(3)]
+    restored = iter(pipe)
+    restored.set_state(state)
+    for want in expected:
+        got = next(restored)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_loss_mask_covers_exactly_the_target_and_its_end_of_turn(train_samples, tokenizer):
+    config = pipeline.BatchConfig(global_batch_size=8, max_length=1024, shuffle=False)  # long enough: no truncation
+    pipe = pipeline.sft_pipeline(train_samples, tokenizer, config, subset="easy", process_index=0, process_count=1)
+    assert pipe.length_stats.truncated == 0
+    easy = [s for s in train_samples if s.difficulty == "easy"]
+    batch = next(iter(pipe))
+    assert set(batch) == {"tokens", "input_mask", "loss_mask", "positions"}
+    assert batch["tokens"].shape[1] in config.buckets() and batch["tokens"].dtype == np.int32
+    for row, sample in enumerate(easy[:8]):
+        tokens, loss_mask, input_mask = batch["tokens"][row], batch["loss_mask"][row], batch["input_mask"][row]
+        assert tokenizer.decode(tokens[loss_mask == 1]) == sample.target + "<|im_end|>"
+        prompt = tokens[(input_mask == 1) & (loss_mask == 0)]
+        assert tokenizer.decode(prompt) == tokenizer.render_chat(sample.prompt, add_generation_prompt=True)
+        assert np.all(loss_mask <= input_mask) and input_mask[0] == 1
+        assert np.array_equal(batch["positions"][row], np.arange(len(tokens)) * input_mask)
+
+
+def test_grpo_batch_is_left_padded_and_ends_with_the_generation_prompt(train_samples, tokenizer):
+    config = pipeline.BatchConfig(global_batch_size=4, max_length=512, bucket_lengths=(128, 256, 512))
+    pipe = pipeline.grpo_pipeline(train_samples, tokenizer, config, process_index=0, process_count=1)
+    batch = next(iter(pipe))
+    assert batch["prompt_tokens"].shape[1] in (128, 256, 512)
+    for row in range(4):
+        sample = pipe.samples[batch["sample_index"][row]]
+        assert sample.difficulty == "hard" and EMOTIONS[batch["emotion_id"][row]] == sample.emotion
+        mask = batch["prompt_mask"][row]
+        assert mask[-1] == 1 and np.all(np.diff(mask) >= 0)  # padding only on the left
+        text = tokenizer.decode(batch["prompt_tokens"][row][mask == 1])
+        assert text == tokenizer.render_chat(sample.prompt, add_generation_prompt=True)
+        assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_overlong_samples_are_truncated_from_the_oldest_turns_or_dropped(train_samples, tokenizer):
+    longest = max(train_samples, key=lambda s: len(s.prompt))
+    full = len(tokenizer.encode_chat(longest.prompt, add_generation_prompt=True))
+    config = pipeline.BatchConfig(global_batch_size=1, max_length=full - 1, shuffle=False)
+    pipe = pipeline.grpo_pipeline([longest], tokenizer, config, subset="all", process_index=0, process_count=1)
+    assert (pipe.length_stats.truncated, pipe.length_stats.dropped) == (1, 0)
+    batch = next(iter(pipe))
+    text = tokenizer.decode(batch["prompt_tokens"][0][batch["prompt_mask"][0] == 1])
+    assert longest.prompt[0]["content"] in text and longest.prompt[-1]["content"] in text
+    assert longest.prompt[1]["content"] not in text
+    dropping = pipeline.BatchConfig(global_batch_size=1, max_length=full - 1, overlong="drop")
+    with pytest.raises(ValueError, match="make no batch"):
+        pipeline.grpo_pipeline([longest], tokenizer, dropping, subset="all", process_index=0, process_count=1)
+
+
+def test_bucket_lengths_default_and_validation():
+    assert pipeline.BatchConfig(global_batch_size=1, max_length=384).buckets() == (64, 128, 256, 384)
+    assert pipeline.BatchConfig(global_batch_size=1, max_length=256).buckets() == (64, 128, 256)
+    with pytest.raises(ValueError, match="add 512 to bucket_lengths"):
+        pipeline.BatchConfig(global_batch_size=1, max_length=512, bucket_lengths=(128, 256)).buckets()
+
+
+def test_worker_processes_give_the_same_batches(train_samples, tokenizer):
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; absl.app.run parses them in the trainers
+        flags.FLAGS.mark_as_parsed()
+
+    def batches(workers):
+        config = pipeline.BatchConfig(global_batch_size=8, max_length=384, worker_count=workers)
+        it = iter(pipeline.sft_pipeline(train_samples, tokenizer, config, process_index=0, process_count=1))
+        out = [next(it)["tokens"] for _ in range(4)]
+        it.close()
+        return out
+
+    assert all(np.array_equal(a, b) for a, b in zip(batches(0), batches(2)))
+
