@@ -11,9 +11,15 @@ Attention masks come as a per-token validity mask [B, T] (1 = real token, 0 = pa
 added here. Left padding works because positions are passed explicitly (`positions_from_mask`).
 
 A KV cache (for sampling) is a dict
-  k, v   [L, B, S, K, Dh]   keys/values of all cached columns
-  valid  [B, S] bool        which cached columns hold real tokens
-  end    [] int32           the next column to write (the same for every row: prompts are left-padded)
+  k, v   L-tuples of [B, K, S, Dh]  keys/values of each layer's cached columns (heads before columns,
+                                    so the attention contractions read the cache without transposing)
+  valid  [B, S] bool                which cached columns hold real tokens
+  end    [] int32                   the next column to write (the same for every row: prompts are
+                                    left-padded)
+With a cache the layers are unrolled rather than scanned: one buffer per layer is updated in place,
+where slicing a stacked [L, ...] cache inside a scan costs a copy of the layer's cache per step (3x
+slower decode on CPU). Sampler compile time therefore grows with depth; training forwards (no cache)
+stay scanned.
 """
 
 from __future__ import annotations
@@ -82,13 +88,58 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:
     """An empty KV cache for `batch` rows and `length` columns."""
     dtype = dtype or DTYPES[config.dtype]
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, length, config.head_dim)
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        "v": tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
         "valid": jnp.zeros((batch, length), bool),
         "end": jnp.zeros((), jnp.int32),
     }
+
+
+def attend(q: jax.Array, blocks) -> jax.Array:
+    """Attention of q over several key/value blocks with one joint softmax.
+
+    q: [N, T, K, G, Dh], already scaled by 1/sqrt(Dh). Each block is (k, v, mask) with k, v
+    [Nb, K, S, Dh] and mask [Nb, T or 1, S] bool. A block may have fewer rows than q (Nb divides N):
+    query rows n*F ... n*F + F - 1 (F = N // Nb) then share block row n. That is how the G samples of
+    one prompt read the prompt's KV cache once instead of G copies of it. Blocks with no columns are
+    skipped. Returns [N, T, K, G, Dh].
+    """
+    n, t, kh, g, dh = q.shape
+    scores, values = [], []
+    for k, v, mask in blocks:
+        if k.shape[2] == 0:
+            continue
+        nb = k.shape[0]
+        qb = q.reshape(nb, n // nb, t, kh, g, dh)
+        s = jnp.einsum("bftkgd,bksd->bfkgts", qb, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        s = jnp.where(mask[:, None, None, None], s, _NEG_INF)  # [Nb, F, K, G, T, S]
+        scores.append(s)
+        values.append(v.astype(q.dtype))
+    top = functools.reduce(jnp.maximum, [s.max(-1).reshape(n, kh, g, t) for s in scores])  # [N, K, G, T]
+    out = jnp.zeros((n, t, kh, g, dh), jnp.float32)
+    norm = jnp.zeros((n, kh, g, t), jnp.float32)
+    for s, v in zip(scores, values):
+        nb = v.shape[0]
+        e = jnp.exp(s - top.reshape(nb, n // nb, kh, g, t)[..., None])
+        norm = norm + e.sum(-1).reshape(n, kh, g, t)
+        o = jnp.einsum("bfkgts,bksd->bftkgd", e.astype(q.dtype), v, preferred_element_type=jnp.float32)
+        out = out + o.reshape(n, t, kh, g, dh)
+    return (out / jnp.moveaxis(norm, -1, 1)[..., None]).astype(q.dtype)
+
+
+def fan_out_prefix(cache: dict, num_samples: int, length: int) -> dict:
+    """Turns a prefilled cache of B rows into the shared *prefix* of a fresh cache of B·num_samples
+    rows and `length` empty columns: the G samples of each row read the prefix, not copies of it."""
+    n = cache["valid"].shape[0] * num_samples
+    own = {
+        "k": tuple(jnp.zeros((n,) + k.shape[1:2] + (length,) + k.shape[3:], k.dtype) for k in cache["k"]),
+        "v": tuple(jnp.zeros((n,) + v.shape[1:2] + (length,) + v.shape[3:], v.dtype) for v in cache["v"]),
+        "valid": jnp.zeros((n, length), bool),
+        "end": jnp.zeros((), jnp.int32),
+    }
+    return own | {"prefix": {"k": cache["k"], "v": cache["v"], "valid": cache["valid"]}}
 
 
 class Decoder(nnx.Module):
@@ -150,20 +201,21 @@ class Decoder(nnx.Module):
         logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
         return self._constrain(logits, "activation_batch", "activation_length", "activation_vocab")
 
-    def _layer(self, x, p, positions, key_mask, kv, cache_k, cache_v):
-        """One transformer layer. x [B, T, D]; p: this layer's params; key_mask [B, T, S] bool.
+    def _layer(self, x, p, positions, self_mask, cached_blocks):
+        """One transformer layer. x [N, T, D]; p: this layer's params; self_mask [N, T, T] bool.
 
-        Without a cache (cache_k is None) the keys are the T new tokens (S = T). With a cache the new
-        keys/values are written at column `kv` of cache_k/cache_v [B, S, K, Dh] and attention runs over S.
-        Returns (x, cache_k, cache_v).
+        The T new tokens attend causally to each other and to every valid column of `cached_blocks`
+        (this layer's KV cache and, optionally, a shared prefix; see `attend`). The cache is only read
+        here: the caller writes the returned new keys/values into it.
+        Returns (x, (k, v)) with the new k, v [N, K, T, Dh].
         """
         c = self.config
         dtype = x.dtype
-        b, t, _ = x.shape
+        n, t, _ = x.shape
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps, c.norm_offset)
-        q = jnp.einsum("btd,dhk->bthk", h, p["q"].astype(dtype))  # [B, T, H, Dh]
-        k = jnp.einsum("btd,dhk->bthk", h, p["k"].astype(dtype))  # [B, T, K, Dh]
-        v = jnp.einsum("btd,dhk->bthk", h, p["v"].astype(dtype))  # [B, T, K, Dh]
+        q = jnp.einsum("btd,dhk->bthk", h, p["q"].astype(dtype))  # [N, T, H, Dh]
+        k = jnp.einsum("btd,dhk->bthk", h, p["k"].astype(dtype))  # [N, T, K, Dh]
+        v = jnp.einsum("btd,dhk->bthk", h, p["v"].astype(dtype))  # [N, T, K, Dh]
         if c.qkv_bias:
             q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
         if c.qk_norm:
@@ -172,18 +224,11 @@ class Decoder(nnx.Module):
         q = apply_rope(q, positions, c.rope_theta)
         k = apply_rope(k, positions, c.rope_theta)
         q = self._constrain(q, "activation_batch", "activation_length", "activation_heads", None)
-        if cache_k is not None:
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, kv, 0, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, kv, 0, 0))
-            k, v = cache_k.astype(dtype), cache_v.astype(dtype)  # [B, S, K, Dh]
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [N, K, T, Dh]
 
-        groups = c.num_heads // c.num_kv_heads
-        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)  # [B, T, K, G, Dh]
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(c.head_dim)
-        scores = jnp.where(key_mask[:, None, None], scores, _NEG_INF)  # [B, K, G, T, S]
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+        q = q.reshape(n, t, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
+        q = q / jnp.asarray(math.sqrt(c.head_dim), dtype)
+        attn = attend(q, [(k, v, self_mask), *cached_blocks]).reshape(n, t, c.num_heads, c.head_dim)
         x = x + jnp.einsum("bthk,hkd->btd", attn, p["o"].astype(dtype))
         x = self._constrain(x, "activation_batch", "activation_length", "activation_embed")
 
@@ -194,7 +239,7 @@ class Decoder(nnx.Module):
         mlp = self._constrain(act * up, "activation_batch", "activation_length", "activation_mlp")
         x = x + jnp.einsum("btf,fd->btd", mlp, p["down"].astype(dtype))
         x = self._constrain(x, "activation_batch", "activation_length", "activation_embed")
-        return x, cache_k, cache_v
+        return x, (k, v)
 
     # -- forward ---------------------------------------------------------------------------------
     def hidden_states(
@@ -202,28 +247,19 @@ class Decoder(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array,
         input_mask: jax.Array,
-        cache: dict[str, jax.Array] | None = None,
-    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        """Final-normed hidden states [B, T, D] and the updated cache (None without one).
+        cache: dict | None = None,
+    ) -> tuple[jax.Array, dict | None]:
+        """Final-normed hidden states [N, T, D] and the updated cache (None without one).
 
-        tokens, positions, input_mask: [B, T]. With a cache the T tokens occupy columns
-        [end, end + T) and attend to every valid earlier column.
+        tokens, positions, input_mask: [N, T]. With a cache the T tokens attend to every valid cached
+        column (and the cache's shared prefix, if it has one) and are then written at columns
+        [end, end + T).
         """
         x = self.embed_tokens(tokens)
         t = tokens.shape[1]
         valid_new = input_mask.astype(bool)
-        if cache is None:
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            key_mask = causal[None] & valid_new[:, None, :]  # [B, T, T]
-            end = None
-        else:
-            end = cache["end"]
-            valid = jax.lax.dynamic_update_slice(cache["valid"], valid_new, (0, end))  # [B, S]
-            cols = jnp.arange(valid.shape[1])
-            causal = cols[None, :] <= (end + jnp.arange(t))[:, None]  # [T, S]
-            key_mask = causal[None] & valid[:, None, :]  # [B, T, S]
+        self_mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid_new[:, None, :]  # [N, T, T]
 
-        layer_params = {name: v.value for name, v in self.layers.items()}
         layer_fn = self._layer
         if self.config.remat != "none":
             policy = {
@@ -231,26 +267,30 @@ class Decoder(nnx.Module):
                 "dots": jax.checkpoint_policies.checkpoint_dots,
                 "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
             }[self.config.remat]
-            layer_fn = jax.checkpoint(layer_fn, policy=policy, static_argnums=())
+            layer_fn = jax.checkpoint(layer_fn, policy=policy)
 
+        layer_params = {name: v.value for name, v in self.layers.items()}
         if cache is None:
-            def body(x, p):
-                x, _, _ = layer_fn(x, p, positions, key_mask, None, None, None)
-                return x, None
+            x, _ = jax.lax.scan(lambda x, p: (layer_fn(x, p, positions, self_mask, [])[0], None), x, layer_params)
+            return self.final_hidden(x), None
 
-            x, _ = jax.lax.scan(body, x, layer_params)
-            new_cache = None
-        else:
-            # The cache rides in the scan carry and is updated in place, one layer slice at a time.
-            def body(carry, p):
-                x, ks, vs, i = carry
-                x, k_i, v_i = layer_fn(x, p, positions, key_mask, end, ks[i], vs[i])
-                ks = jax.lax.dynamic_update_index_in_dim(ks, k_i, i, 0)
-                vs = jax.lax.dynamic_update_index_in_dim(vs, v_i, i, 0)
-                return (x, ks, vs, i + 1), None
-
-            (x, ks, vs, _), _ = jax.lax.scan(body, (x, cache["k"], cache["v"], 0), layer_params)
-            new_cache = {"k": ks, "v": vs, "valid": valid, "end": end + t}
+        end = cache["end"]
+        prefix = cache.get("prefix")
+        ks, vs = [], []
+        for i in range(self.config.num_layers):
+            p = {name: value[i] for name, value in layer_params.items()}
+            blocks = [(cache["k"][i], cache["v"][i], cache["valid"][:, None, :])]
+            if prefix is not None:
+                blocks.append((prefix["k"][i], prefix["v"][i], prefix["valid"][:, None, :]))
+            x, (k, v) = layer_fn(x, p, positions, self_mask, blocks)  # k [N, K, T, Dh]
+            ks.append(jax.lax.dynamic_update_slice(cache["k"][i], k.astype(cache["k"][i].dtype), (0, 0, end, 0)))
+            vs.append(jax.lax.dynamic_update_slice(cache["v"][i], v.astype(cache["v"][i].dtype), (0, 0, end, 0)))
+        new_cache = cache | {
+            "k": tuple(ks),
+            "v": tuple(vs),
+            "valid": jax.lax.dynamic_update_slice(cache["valid"], valid_new, (0, end)),
+            "end": end + t,
+        }
         return self.final_hidden(x), new_cache
 
     def __call__(self, tokens, positions, input_mask, cache=None):

@@ -1,0 +1,53 @@
+"""Shared pieces of the benchmarks: the bench-tiny model in both frameworks, and a median timer."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+BENCH_PRESET = "bench-tiny"  # Qwen2, 4 layers, hidden 256, 4 heads, 2 KV heads, mlp 1024, vocab 8192
+
+
+def bench_models(seed: int = 0):
+    """(torch HF model, kardia_jax Decoder) with the same random float32 weights (seed `seed`)."""
+    import torch
+    import transformers
+
+    from kardia_jax import models
+
+    config = models.preset(BENCH_PRESET)
+    torch.manual_seed(seed)
+    hf_config = transformers.Qwen2Config(**{k: v for k, v in models.to_hf_config(config).items() if k != "architectures"})
+    hf = transformers.Qwen2ForCausalLM(hf_config).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = models.from_pretrained(d)
+    return hf, ours
+
+
+def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time (s) of `fn()` over `repeats` runs after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def set_torch_threads() -> int:
+    import torch
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    return cores
+
+
+def random_prompts(num_prompts: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(10, vocab, size=(num_prompts, length)).astype(np.int32)

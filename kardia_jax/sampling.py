@@ -1,0 +1,190 @@
+"""Jitted batched sampler: one prefill per prompt, fanned out to G samples, decoded in a while loop.
+
+    prompts [B, P] (left-padded)  --prefill once-->  prompt KV cache, per layer [B, K, P, Dh]
+        --becomes the shared prefix of-->  a per-sample cache [B·G, K, T_new, Dh]
+        --lax.while_loop, one token per step-->  completions [B·G, T_new]
+
+Sample i·G + g is the g-th sample of prompt i. The G samples of a prompt read its prompt cache in place
+(`decoder.attend` groups query rows over a shared block) instead of G copies of it: G times less cache
+memory and memory traffic for the prompt part of every decode step. The loop stops early once every
+row has emitted a stop token. The step key is `fold_in(key, step)`, so a run is reproducible and
+independent of how many rows there are per device. The cache and the output buffers are loop carries,
+updated in place.
+
+Log-probabilities. `logprobs[r, t]` is log softmax(logits / temperature) at the sampled token: the
+*unfiltered* temperature-scaled distribution, i.e. exactly what the trainer recomputes with
+`Decoder.target_logprobs(..., temperature=...)`. Top-k / top-p only restrict which tokens can be drawn;
+they do not renormalize the returned log-probabilities. With temperature 0 (greedy) the logprobs are
+those of the untempered distribution (temperature 1).
+
+Shapes are static: P comes bucketed from the data pipeline and max_new_tokens from the config, so a
+training run compiles one sampler program per prompt bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kardia_jax import sharding
+from kardia_jax.models.decoder import Decoder, fan_out_prefix, init_cache, positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. Hashable: it is a static argument of the jitted sampler."""
+
+    num_samples: int = 1  # G, completions per prompt
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    stop_ids: tuple[int, ...] = ()
+    pad_id: int = 0  # written after a row has stopped
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array  # [B·G, T_new] int32; pad_id after the stop token
+    mask: jax.Array  # [B·G, T_new] int32; 1 on generated tokens up to and including the stop token
+    logprobs: jax.Array  # [B·G, T_new] float32; 0 where mask is 0
+    lengths: jax.Array  # [B·G] int32 = mask.sum(-1)
+    truncated: jax.Array  # [B·G] bool; True if no stop token within max_new_tokens
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Sets logits outside the top-k / nucleus (top-p) set to -inf. logits [N, V] float32."""
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [N, 1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [N, V] descending
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        # The smallest logit still kept: the top token is always kept.
+        kept = jnp.where(before < top_p, sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def _draw(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One token per row from softmax(logits) [N, V] by inverse-CDF sampling: a single uniform per row
+    instead of the V Gumbel draws of `jax.random.categorical` (which dominate a small model's step)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)  # [N, V]
+    u = jax.random.uniform(key, (logits.shape[0], 1)) * cdf[:, -1:]
+    token = jnp.sum(cdf <= u, axis=-1)  # first index whose cdf exceeds u
+    # Rounding can push u past the last nonzero-probability token; step back to it.
+    last_allowed = logits.shape[-1] - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1)
+    return jnp.minimum(token, last_allowed)
+
+
+def _choose(logits: jax.Array, key: jax.Array, config: SamplingConfig):
+    """Next token [N] and its logprob under the unfiltered temperature-scaled distribution [N]."""
+    if config.temperature == 0:
+        token = jnp.argmax(logits, axis=-1)
+        scaled = logits
+    else:
+        scaled = logits / config.temperature
+        token = _draw(key, filter_logits(scaled, config.top_k, config.top_p))
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), logprob
+
+
+def _constrain_cache(cache, rules):
+    """Batch over (data, fsdp) and KV heads over tensor for every cache block (and its prefix)."""
+    kv_axes = ("activation_batch", "activation_kv_heads", None, None)
+    out = cache | {
+        "k": tuple(sharding.constrain(k, kv_axes, rules) for k in cache["k"]),
+        "v": tuple(sharding.constrain(v, kv_axes, rules) for v in cache["v"]),
+        "valid": sharding.constrain(cache["valid"], ("activation_batch", None), rules),
+    }
+    if "prefix" in cache:
+        out["prefix"] = _constrain_cache(cache["prefix"], rules)
+    return out
+
+
+def sample(model: Decoder, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array, config: SamplingConfig) -> SampleOutput:
+    """Samples G completions per prompt. Pure function of its inputs: call it inside `jax.jit`
+    (see `make_sampler`). prompt_tokens, prompt_mask: [B, P], left-padded."""
+    b, p = prompt_tokens.shape
+    g, t_new = config.num_samples, config.max_new_tokens
+    rules = model.rules
+
+    # Prefill once per distinct prompt; only the last position's logits are needed.
+    cache = init_cache(model.config, b, p)
+    positions = positions_from_mask(prompt_mask)
+    hidden, cache = model.hidden_states(prompt_tokens, positions, prompt_mask, _constrain_cache(cache, rules))
+    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # [B, V]
+
+    # Fan out: the prompt cache becomes the shared prefix of the G samples' own caches.
+    cache = _constrain_cache(fan_out_prefix(cache, g, t_new), rules)
+    logits = jnp.repeat(logits, g, axis=0)  # [B·G, V]
+    next_position = jnp.repeat(positions[:, -1] + 1, g)  # [B·G]
+    n = b * g
+    stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
+
+    class Carry(NamedTuple):
+        step: jax.Array
+        cache: dict
+        logits: jax.Array  # [N, V] logits for the token about to be chosen
+        tokens: jax.Array  # [N, T_new]
+        mask: jax.Array  # [N, T_new]
+        logprobs: jax.Array  # [N, T_new]
+        done: jax.Array  # [N] bool, stop token already emitted
+
+    def cond(c: Carry):
+        return (c.step < t_new) & ~jnp.all(c.done)
+
+    def body(c: Carry):
+        token, logprob = _choose(c.logits, jax.random.fold_in(key, c.step), config)
+        live = ~c.done
+        token = jnp.where(live, token, config.pad_id)
+        tokens = c.tokens.at[:, c.step].set(token)
+        mask = c.mask.at[:, c.step].set(live.astype(jnp.int32))
+        logprobs = c.logprobs.at[:, c.step].set(jnp.where(live, logprob, 0.0))
+        done = c.done | jnp.isin(token, stop_ids)
+        # The forward after the last step is wasted work but keeps the loop body uniform.
+        step_logits, cache = model(token[:, None], (next_position + c.step)[:, None], live[:, None].astype(jnp.int32), c.cache)
+        return Carry(c.step + 1, cache, step_logits[:, 0], tokens, mask, logprobs, done)
+
+    init = Carry(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        logits=logits,
+        tokens=jnp.full((n, t_new), config.pad_id, jnp.int32),
+        mask=jnp.zeros((n, t_new), jnp.int32),
+        logprobs=jnp.zeros((n, t_new), jnp.float32),
+        done=jnp.zeros((n,), bool),
+    )
+    out = jax.lax.while_loop(cond, body, init)
+    return SampleOutput(out.tokens, out.mask, out.logprobs, out.mask.sum(-1), ~out.done)
+
+
+def make_sampler(graphdef: nnx.GraphDef, config: SamplingConfig):
+    """A jitted `fn(params, prompt_tokens, prompt_mask, key) -> SampleOutput` for one model graph.
+
+    Parameters enter as arguments (not constants), so the same program serves every training step.
+    """
+
+    @jax.jit
+    def run(params, prompt_tokens, prompt_mask, key):
+        return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, config)
+
+    return run
+
+
+def generate(model: Decoder, prompt_tokens, prompt_mask, key, config: SamplingConfig) -> SampleOutput:
+    """Convenience wrapper for one-off generation (compiles on each call with a new shape)."""
+    graphdef, params = nnx.split(model)
+    return _cached_sampler(graphdef, config)(params, prompt_tokens, prompt_mask, key)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_sampler(graphdef, config):
+    return make_sampler(graphdef, config)
