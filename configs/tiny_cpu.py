@@ -1,0 +1,42 @@
+"""The CPU demo: a ~1.3M-parameter Qwen2-style policy on the shipped sample and tokenizer.
+
+    python -m kardia_jax.sft --config=configs/tiny_cpu.py
+    python -m kardia_jax.train --config=configs/tiny_cpu.py
+
+Runs in minutes on a 2-core laptop. There is no real judge to load offline, so a frozen copy of the
+SFT policy reads the rubric: the pipeline is the real one, the rubric scores are not meaningful.
+"""
+
+from kardia_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.workdir = "runs/tiny_cpu"
+    c.model.preset = "tiny-kardia"
+    c.mesh.fsdp = 1
+
+    c.data.max_length = 512
+
+    c.sft.learning_rate = 3e-3
+    c.sft.warmup_ratio = 0.05
+    c.sft.global_batch_size = 16
+    c.sft.num_epochs = 40
+    c.sft.subset = "all"
+    c.sft.save_every = 50
+    c.sft.log_every = 10
+    c.sft.eval_max_new_tokens = 96
+    c.sft.eval_batch_size = 64
+
+    c.grpo.learning_rate = 3e-4
+    c.grpo.prompts_per_step = 8
+    c.grpo.num_samples = 8
+    c.grpo.max_new_tokens = 96
+    c.grpo.num_epochs = 2
+    c.grpo.save_every = 5
+    c.grpo.print_samples_every = 5
+
+    c.judge.from_policy = True
+    c.judge.max_context_tokens = 256
+    c.judge.max_response_tokens = 64
+    return c
