@@ -135,6 +135,6 @@ def state_shardings(state, rules: Rules, mesh: Mesh):
         axes = var.get_metadata().get("logical_axes")
         if axes is None:
             return NamedSharding(mesh, PartitionSpec())
-        return named_sharding(axes, var.value.shape, rules, mesh)
+        return named_sharding(axes, var.get_value().shape, rules, mesh)
 
     return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))

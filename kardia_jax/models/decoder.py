@@ -182,18 +182,18 @@ class Decoder(nnx.Module):
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, D] in the compute dtype (scaled by sqrt(D) for Gemma)."""
         dtype = DTYPES[self.config.dtype]
-        x = jnp.take(self.embed.value, tokens, axis=0).astype(dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         if self.config.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), dtype)
         return self._constrain(x, "activation_batch", "activation_length", "activation_embed")
 
     def unembed_matrix(self) -> jax.Array:
         """[D, V]."""
-        return self.embed.value.T if self.config.tie_embeddings else self.lm_head.value
+        return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
 
     def final_hidden(self, x: jax.Array) -> jax.Array:
         c = self.config
-        return rms_norm(x, self.final_norm.value, c.rms_norm_eps, c.norm_offset)
+        return rms_norm(x, self.final_norm[...], c.rms_norm_eps, c.norm_offset)
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """[B, T, D] final-normed hidden -> [B, T, V] float32 logits."""
@@ -269,7 +269,7 @@ class Decoder(nnx.Module):
             }[self.config.remat]
             layer_fn = jax.checkpoint(layer_fn, policy=policy)
 
-        layer_params = {name: v.value for name, v in self.layers.items()}
+        layer_params = {name: v[...] for name, v in self.layers.items()}
         if cache is None:
             x, _ = jax.lax.scan(lambda x, p: (layer_fn(x, p, positions, self_mask, [])[0], None), x, layer_params)
             return self.final_hidden(x), None

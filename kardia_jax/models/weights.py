@@ -246,7 +246,7 @@ def from_pretrained(
 
     def load(path_keys, var):
         tmap = maps[str(path_keys[-1])]
-        shape = var.value.shape
+        shape = var.get_value().shape
         stacked = str(path_keys[0]) == "layers"
         named = sharding.named_sharding(var.get_metadata()["logical_axes"], shape, rules, mesh)
 
@@ -283,7 +283,7 @@ def _hf_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     inverse = lambda perm: tuple(np.argsort(perm))
     for keys, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         tmap = maps[str(keys[-1])]
-        value = _to_host(var.value)
+        value = _to_host(var.get_value())
         blocks = value if str(keys[0]) == "layers" else value[None]
         for name, block in zip(_layer_names(tmap, config.num_layers), blocks):
             yield name, np.ascontiguousarray(np.transpose(block, inverse(tmap.perm)).reshape(tmap.hf_shape))
@@ -356,19 +356,19 @@ def resize_vocab(model: Decoder, vocab_size: int, new_token_ids=()) -> None:
     keep[[i for i in new_token_ids if i < old]] = False
 
     def grow(var, axis):
-        value = np.asarray(jax.device_get(var.value)).astype(np.float32)
+        value = np.asarray(jax.device_get(var.get_value())).astype(np.float32)
         value = np.moveaxis(value, axis, 0)
         mean = value[keep].mean(axis=0)
         value = np.concatenate([value, np.broadcast_to(mean, (vocab_size - old,) + mean.shape)])
         value[: old][~keep] = mean
-        value = np.moveaxis(value, 0, axis).astype(var.value.dtype)
-        old_sharding = var.value.sharding
+        value = np.moveaxis(value, 0, axis).astype(var.get_value().dtype)
+        old_sharding = var.get_value().sharding
         if isinstance(old_sharding, NamedSharding):
             axes = var.get_metadata()["logical_axes"]
             target = sharding.named_sharding(axes, value.shape, model.rules or sharding.DEFAULT_RULES, old_sharding.mesh)
         else:
             target = old_sharding
-        var.value = jax.device_put(value, target)
+        var.set_value(jax.device_put(value, target))
 
     grow(model.embed, 0)
     if not model.config.tie_embeddings:
