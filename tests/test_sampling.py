@@ -10,7 +10,7 @@ from flax import nnx
 
 from kardia_jax import models, sharding
 from kardia_jax.sampling import SamplingConfig, filter_logits, generate, make_sampler
-from tests.helpers_hf import FAMILIES, left_padded_batch, make_hf_model
+from helpers_hf import FAMILIES, left_padded_batch, make_hf_model
 
 PROMPT_LENGTHS = (9, 4, 6)  # different lengths, left-padded to 9
 NEW_TOKENS = 10
