@@ -109,3 +109,34 @@ def base_config() -> ml_collections.ConfigDict:
     c.judge.max_context_tokens = 512  # persona + dialogue context budget inside the judge prompt
     c.judge.max_response_tokens = 256
     return c
+
+
+def paper_tpu_config(*, policy: str, topology: str, workdir: str, judge: str = "Qwen/Qwen3-8B") -> ml_collections.ConfigDict:
+    """The paper's SFT and GRPO settings for a real backbone on a TPU slice.
+
+    policy / judge: HF checkpoints (hub id, local dir or gs://). Parameters are float32 masters with
+    bfloat16 compute; the frozen judge and reference are stored in bfloat16. Pure FSDP over all chips.
+    """
+    c = base_config()
+    c.workdir = workdir
+    c.topology = topology
+    c.model.hf_path = policy
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
+    c.tokenizer.path = policy
+    c.data.source = "hf://Jhcircle/KardiaBench"
+    c.data.max_length = 2048
+    c.data.worker_count = 4
+    # SFT: easy subset, AdamW lr 1e-4, global batch 128, 2 epochs (paper).
+    c.sft.eval_max_new_tokens = 512
+    c.sft.eval_batch_size = 64
+    # GRPO: hard subset, lr 1e-6, 32 prompts x G = 8, 2 epochs (paper); beta 0.04 (k3), eps 0.2 (ours).
+    c.grpo.max_new_tokens = 512
+    c.grpo.num_minibatches = 4
+    c.grpo.save_every = 50
+    c.judge.hf_path = judge
+    c.judge.param_dtype = "bfloat16"
+    c.judge.dtype = "bfloat16"
+    c.judge.max_context_tokens = 1536
+    c.judge.max_response_tokens = 512
+    return c

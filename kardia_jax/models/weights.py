@@ -87,12 +87,21 @@ def _tensor_maps(c: ModelConfig) -> dict[str, _TensorMap]:
 
 
 def _local_dir(path: str) -> str:
-    """A local directory with the checkpoint's files; `gs://` paths are copied to a temp dir first."""
-    if not path.startswith("gs://"):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"Checkpoint directory {path!r} does not exist.")
+    """A local directory with the checkpoint's files: a local path as is; `gs://bucket/dir` copied to a
+    temp dir; a Hugging Face hub id (`org/name`) fetched into the HF cache (config and safetensors only)."""
+    if path.startswith("gs://"):
+        return _download_gcs_dir(path)
+    if os.path.isdir(path):
         return path
-    return _download_gcs_dir(path)
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        return _download_hub(path)
+    raise FileNotFoundError(f"Checkpoint {path!r} is neither a local directory, a gs:// path nor a hub id (org/name).")
+
+
+def _download_hub(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download  # lazy: only needed for hub ids
+
+    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja"])
 
 
 def _download_gcs_dir(path: str) -> str:
