@@ -1,0 +1,507 @@
+"""Tests for kardia_jax.models against Hugging Face transformers (torch CPU), on tiny random models.
+
+Covers: logits vs transformers for Qwen2 (GQA, biases, tied and untied), Qwen3 (q/k norm, head_dim !=
+D/H) and Gemma (MQA, embedding scale, 1 + w norms) with left padding; save_pretrained -> transformers
+and sharded safetensors; loading onto an 8-device (fsdp=4, tensor=2) mesh; chunked log-probs, entropy
+and their gradients; KV-cache prefill + decode; errors for bad checkpoints; gs:// paths; resize_vocab;
+bfloat16; remat policies.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from safetensors.numpy import load_file, save_file
+
+from helpers_hf import hf_logits, left_padded_batch, make_hf_model
+from kardia_jax.models import (
+    PRESETS,
+    chunked_logprobs,
+    from_hf_config,
+    from_pretrained,
+    init_cache,
+    positions_from_mask,
+    resize_vocab,
+    save_pretrained,
+    to_hf_config,
+)
+from kardia_jax.models import weights as weights_module
+from kardia_jax.sharding import make_mesh
+
+# Named tiny HF models: name -> (family, config overrides).
+MODELS = {
+    "qwen2": ("qwen2", {"tie_word_embeddings": False}),
+    "qwen2_tied": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen3": ("qwen3", {}),
+    "gemma": ("gemma", {}),
+}
+FAMILY_MODELS = ["qwen2", "qwen3", "gemma"]
+
+# A left-padded batch [3, 12]: one full row, one with 3 pads, one with 8 pads.
+LENGTHS, T = (12, 9, 4), 12
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """name -> (torch model, checkpoint dir), built lazily once per module."""
+    root = tmp_path_factory.mktemp("hf_models")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            family, overrides = MODELS[name]
+            cache[name] = make_hf_model(family, root, seed=len(cache), **overrides)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def batch():
+    tokens, mask = left_padded_batch(256, LENGTHS, T, seed=1)
+    return tokens, mask
+
+
+# -- jitted entry points (graphdef static, state as an argument) ---------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens, mask):
+    model = nnx.merge(graphdef, state)
+    logits, _ = model(tokens, positions_from_mask(mask), mask)
+    return logits
+
+
+def forward(model, tokens, mask) -> jax.Array:
+    """Logits [B, T, V] float32 of a full (cache-less) forward."""
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _step(graphdef, state, tokens, positions, mask, cache):
+    return nnx.merge(graphdef, state)(tokens, positions, mask, cache)
+
+
+def _direct_logprobs(logits, targets, temperature):
+    logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
+    return jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0], logp_all
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _loss_grads(graphdef, chunked, state, tokens, mask, targets):
+    """d/dparams of sum(mask * log p(targets)), by target_logprobs (chunked) or log_softmax (direct)."""
+
+    def loss(state):
+        model = nnx.merge(graphdef, state)
+        positions = positions_from_mask(mask)
+        if chunked:
+            logp = model.target_logprobs(tokens, positions, mask, targets, temperature=0.7, chunk_size=5)
+        else:
+            logits, _ = model(tokens, positions, mask)
+            logp, _ = _direct_logprobs(logits, targets, 0.7)
+        return jnp.sum(logp * mask)
+
+    return jax.value_and_grad(loss)(state)
+
+
+def loss_grads(model, tokens, mask, targets, chunked=True):
+    graphdef, state = nnx.split(model)
+    return _loss_grads(graphdef, chunked, state, *map(jnp.asarray, (tokens, mask, targets)))
+
+
+def _max_abs_diff_trees(a, b) -> float:
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _targets(tokens):
+    """Next-token targets [B, T] (the last column wraps; it is as good a target as any)."""
+    return np.roll(tokens, -1, axis=1)
+
+
+# -- 1. logits vs transformers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_match_transformers(zoo, batch, name):
+    torch_model, path = zoo(name)
+    tokens, mask = batch
+    model = from_pretrained(path)
+    family, overrides = MODELS[name]
+    assert model.config.family == family
+    assert model.config.tie_embeddings == overrides.get("tie_word_embeddings", True)
+    assert hasattr(model, "lm_head") != model.config.tie_embeddings
+
+    expected = hf_logits(torch_model, tokens, mask)
+    actual = np.asarray(forward(model, tokens, mask))
+    assert actual.dtype == np.float32 and actual.shape == (3, T, 256)
+    valid = mask.astype(bool)
+    assert np.abs(expected[valid]).std() > 0.3  # a model whose logits are not all ~0
+    np.testing.assert_allclose(actual[valid], expected[valid], atol=1e-4, rtol=0)
+
+
+def test_bfloat16_checkpoint_loads_in_float32(zoo, batch, tmp_path):
+    """Released checkpoints are stored in bf16: loading one upcasts exactly (compare with transformers
+    loading the same bf16 file in float32)."""
+    tokens, mask = batch
+    path = str(tmp_path / "bf16")
+    _load_torch(zoo("gemma")[1]).to(torch.bfloat16).save_pretrained(path)
+    assert next(iter(load_file(os.path.join(path, "model.safetensors")).values())).dtype.name == "bfloat16"
+    model = from_pretrained(path)
+    assert model.layers["q"][...].dtype == jnp.float32
+    expected = hf_logits(_load_torch(path), tokens, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(forward(model, tokens, mask))[valid], expected[valid], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_through_hf_config(name):
+    config = PRESETS[name]
+    assert from_hf_config(json.loads(json.dumps(to_hf_config(config)))) == config
+    assert transformers.AutoConfig.for_model(**to_hf_config(config)).num_key_value_heads == config.num_kv_heads
+
+
+def test_config_layouts(zoo):
+    """The families' distinguishing shapes made it into the ModelConfig."""
+    assert (from_pretrained(zoo("qwen2")[1]).config.num_kv_heads, from_pretrained(zoo("qwen2")[1]).config.head_dim) == (2, 16)
+    qwen3 = from_pretrained(zoo("qwen3")[1]).config
+    assert (qwen3.num_heads, qwen3.num_kv_heads, qwen3.head_dim, qwen3.hidden_size) == (4, 2, 32, 64)
+    gemma = from_pretrained(zoo("gemma")[1]).config
+    assert (gemma.num_kv_heads, gemma.head_dim, gemma.tie_embeddings) == (1, 16, True)
+
+
+# -- 2. save_pretrained -> transformers; sharded checkpoints -----------------------------------------
+
+
+def _load_torch(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_tied", "qwen3", "gemma"])
+def test_save_pretrained_loads_in_transformers(zoo, batch, tmp_path, name):
+    torch_model, path = zoo(name)
+    tokens, mask = batch
+    model = from_pretrained(path)
+
+    out = tmp_path / "single"
+    save_pretrained(model, str(out))
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == ["model.safetensors"]
+    assert from_hf_config(json.load(open(out / "config.json"))) == model.config
+    reloaded = _load_torch(str(out))
+    original = {k: v for k, v in torch_model.state_dict().items()}
+    for key, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, original[key], rtol=0, atol=0, msg=key)
+    expected = hf_logits(torch_model, tokens, mask)
+    np.testing.assert_allclose(hf_logits(reloaded, tokens, mask), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma"])
+def test_sharded_safetensors_round_trip(zoo, batch, tmp_path, name):
+    torch_model, path = zoo(name)
+    tokens, mask = batch
+    model = from_pretrained(path)
+    out = tmp_path / "sharded"
+    save_pretrained(model, str(out), max_shard_bytes=40_000)
+
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(files) > 2, files
+    assert all(f.endswith(f"-of-{len(files):05d}.safetensors") for f in files)
+    index = json.load(open(out / "model.safetensors.index.json"))
+    assert set(index["weight_map"].values()) == set(files)
+    names = set()
+    for f in files:
+        names |= set(load_file(str(out / f)))
+    assert names == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(a.nbytes for f in files for a in load_file(str(out / f)).values())
+
+    again = from_pretrained(str(out))
+    np.testing.assert_array_equal(np.asarray(forward(again, tokens, mask)), np.asarray(forward(model, tokens, mask)))
+    reloaded = _load_torch(str(out))
+    np.testing.assert_allclose(hf_logits(reloaded, tokens, mask), hf_logits(torch_model, tokens, mask), atol=1e-6, rtol=0)
+
+
+# -- 3. sharded loading and forward on an 8-device mesh ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma"])
+def test_sharded_load_and_forward(zoo, name):
+    assert len(jax.devices()) == 8
+    _, path = zoo(name)
+    mesh = make_mesh(data=1, fsdp=4, tensor=2)
+    tokens, mask = left_padded_batch(256, (12, 9, 4, 1), T, seed=2)  # batch 4: divisible by fsdp
+
+    sharded = from_pretrained(path, mesh=mesh)
+    specs = {"/".join(map(str, k)): v[...].sharding for k, v in nnx.to_flat_state(nnx.state(sharded))}
+    for s in specs.values():
+        assert isinstance(s, NamedSharding) and s.mesh == mesh
+    specs = {k: s.spec for k, s in specs.items()}
+    assert specs["layers/q"] == P(None, "fsdp", "tensor", None)  # [L, D, H, Dh]
+    assert specs["layers/o"] == P(None, "tensor", None, "fsdp")  # [L, H, Dh, D]
+    assert specs["layers/gate"] == P(None, "fsdp", "tensor")  # [L, D, F]
+    assert specs["layers/down"] == P(None, "tensor", "fsdp")  # [L, F, D]
+    assert specs["layers/attn_norm"] == P(None, "fsdp")
+    assert specs["embed"] == P("tensor", "fsdp")  # [V, D]
+    if name == "gemma":  # one KV head cannot be split over tensor=2: replicated on that axis
+        assert specs["layers/k"] == P(None, "fsdp", None, None)
+        assert specs["layers/v"] == P(None, "fsdp", None, None)
+    else:
+        assert specs["layers/k"] == P(None, "fsdp", "tensor", None)
+        assert specs["layers/k_bias"] == P(None, "tensor", None)
+        assert specs["lm_head"] == P("fsdp", "tensor")  # [D, V]
+    q = sharded.layers["q"][...]
+    assert q.addressable_shards[0].data.shape == (2, 64 // 4, 4 // 2, 16)
+
+    unsharded = from_pretrained(path)
+    expected = np.asarray(forward(unsharded, tokens, mask))
+    with jax.set_mesh(mesh):
+        logits = forward(sharded, tokens, mask)
+    assert logits.sharding.spec == P("fsdp", None, "tensor")  # activation constraints were applied
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logits)[valid], expected[valid], atol=1e-5, rtol=0)
+
+
+# -- 4. chunked log-probabilities, entropy and their gradients ---------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 12, 64])
+def test_chunked_logprobs_function(chunk_size):
+    kh, kw, kt = jax.random.split(jax.random.key(0), 3)
+    h = jax.random.normal(kh, (2, 12, 16))
+    w = jax.random.normal(kw, (16, 40))
+    targets = jax.random.randint(kt, (2, 12), 0, 40)
+    logp, ent = chunked_logprobs(h, w, targets, temperature=1.3, chunk_size=chunk_size, with_entropy=True)
+    expected, logp_all = _direct_logprobs(h @ w, targets, 1.3)
+    np.testing.assert_allclose(logp, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ent, -jnp.sum(jnp.exp(logp_all) * logp_all, -1), atol=1e-5, rtol=0)
+    assert chunked_logprobs(h, w, targets, 1.3, chunk_size).shape == (2, 12)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma"])
+def test_target_logprobs_match_log_softmax(zoo, batch, name):
+    model = from_pretrained(zoo(name)[1])
+    tokens, mask = batch
+    targets = _targets(tokens)
+    positions = positions_from_mask(jnp.asarray(mask))
+    logp, ent = model.target_logprobs(
+        jnp.asarray(tokens), positions, jnp.asarray(mask), jnp.asarray(targets),
+        temperature=0.7, chunk_size=5, with_entropy=True,
+    )  # chunk 5 does not divide T = 12
+    expected, logp_all = _direct_logprobs(forward(model, tokens, mask), jnp.asarray(targets), 0.7)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(expected)[valid], atol=1e-5, rtol=0)
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, -1)
+    np.testing.assert_allclose(np.asarray(ent)[valid], np.asarray(entropy)[valid], atol=1e-5, rtol=0)
+    assert float(jnp.min(entropy)) > 0.1  # temperature 0.7 on these logits is far from one-hot
+
+    value_c, grads_c = loss_grads(model, tokens, mask, targets, chunked=True)
+    value_d, grads_d = loss_grads(model, tokens, mask, targets, chunked=False)
+    np.testing.assert_allclose(value_c, value_d, rtol=1e-6)
+    assert jax.tree.structure(grads_c) == jax.tree.structure(grads_d)
+    # Within 1e-5 absolute, or 1e-5 relative for the larger entries (|grad| reaches ~20 here).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), grads_c, grads_d)
+    assert float(jnp.max(jnp.abs(grads_d["layers"]["q"][...]))) > 1e-2  # gradients are not trivially 0
+
+
+# -- 5. KV cache: prefill + one-token decode == full forward ------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_kv_cache_prefill_then_decode(zoo, name):
+    model = from_pretrained(zoo(name)[1])
+    graphdef, state = nnx.split(model)
+    prompt, prompt_mask = left_padded_batch(256, (7, 4, 1), 7, seed=3)
+    new = np.random.default_rng(4).integers(1, 256, (3, 4)).astype(np.int32)
+    full_tokens = np.concatenate([prompt, new], axis=1)
+    full_mask = np.concatenate([prompt_mask, np.ones_like(new)], axis=1)
+    expected = np.asarray(forward(model, full_tokens, full_mask))  # [3, 11, V]
+
+    cache = init_cache(model.config, batch=3, length=7 + 4 + 2)  # 2 spare columns, never valid
+    positions = positions_from_mask(jnp.asarray(prompt_mask))
+    logits, cache = _step(graphdef, state, jnp.asarray(prompt), positions, jnp.asarray(prompt_mask), cache)
+    valid = prompt_mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logits)[valid], expected[:, :7][valid], atol=1e-5, rtol=0)
+    assert int(cache["end"]) == 7
+    np.testing.assert_array_equal(np.asarray(cache["valid"])[:, :7], valid)
+
+    next_pos = positions[:, -1:] + 1
+    for i in range(4):
+        tok = jnp.asarray(new[:, i : i + 1])
+        logits, cache = _step(graphdef, state, tok, next_pos, jnp.ones((3, 1), jnp.int32), cache)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], expected[:, 7 + i], atol=1e-5, rtol=0, err_msg=f"step {i}")
+        next_pos = next_pos + 1
+    assert int(cache["end"]) == 11
+    assert not np.asarray(cache["valid"])[:, 11:].any()
+
+
+# -- 6. bad checkpoints ---------------------------------------------------------------------------------
+
+
+def _copy_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_tensor_is_named(zoo, tmp_path):
+    path = _copy_checkpoint(zoo("qwen2")[1], tmp_path / "ckpt")
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensors.*model\.layers\.1\.self_attn\.k_proj\.bias"):
+        from_pretrained(str(path))
+
+
+def test_wrong_shape_is_named(zoo, tmp_path):
+    path = _copy_checkpoint(zoo("qwen3")[1], tmp_path / "ckpt")
+    config = json.load(open(path / "config.json"))
+    config["intermediate_size"] = 96
+    json.dump(config, open(path / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*\[128, 64\].*\[96, 64\]"):
+        from_pretrained(str(path))
+
+
+def test_unknown_architecture_is_named(zoo, tmp_path):
+    path = _copy_checkpoint(zoo("qwen2")[1], tmp_path / "ckpt")
+    config = json.load(open(path / "config.json"))
+    config["architectures"], config["model_type"] = ["LlamaForCausalLM"], "llama"
+    json.dump(config, open(path / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM") as info:
+        from_pretrained(str(path))
+    assert "config.json" in str(info.value) and "Qwen2ForCausalLM" in str(info.value)
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        from_pretrained(str(tmp_path / "does-not-exist"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(str(tmp_path))
+
+
+# -- 7. gs:// paths -------------------------------------------------------------------------------------
+
+
+def test_gcs_paths_use_download_and_upload(zoo, batch, tmp_path, monkeypatch):
+    _, path = zoo("gemma")
+    tokens, mask = batch
+    downloads, uploads = [], []
+    bucket = tmp_path / "bucket"
+
+    def fake_download(gcs_path):
+        downloads.append(gcs_path)
+        return str(bucket / gcs_path[len("gs://bucket/"):]) if gcs_path != "gs://bucket/x" else path
+
+    def fake_upload(local, gcs_path):
+        uploads.append(gcs_path)
+        shutil.copytree(local, bucket / gcs_path[len("gs://bucket/"):])
+
+    monkeypatch.setattr(weights_module, "_download_gcs_dir", fake_download)
+    monkeypatch.setattr(weights_module, "_upload_gcs_dir", fake_upload)
+    model = from_pretrained("gs://bucket/x")
+    assert downloads == ["gs://bucket/x"]
+    save_pretrained(model, "gs://bucket/out/step1", max_shard_bytes=100_000)
+    assert uploads == ["gs://bucket/out/step1"]
+    assert "model.safetensors.index.json" in os.listdir(bucket / "out/step1")
+    again = from_pretrained("gs://bucket/out/step1")
+    np.testing.assert_array_equal(np.asarray(forward(again, tokens, mask)), np.asarray(forward(model, tokens, mask)))
+
+
+# -- 8. resize_vocab and bfloat16 ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_tied"])
+def test_resize_vocab(zoo, batch, name):
+    model = from_pretrained(zoo(name)[1])
+    tokens, mask = batch
+    tokens = np.where(np.isin(tokens, (5, 7)), 9, tokens)  # inputs avoid the re-initialised ids
+    old_embed = np.asarray(model.embed[...])
+    old_head = None if model.config.tie_embeddings else np.asarray(model.lm_head[...])
+    old_logits = np.asarray(forward(model, tokens, mask))
+
+    resize_vocab(model, 260, new_token_ids=(5, 7, 258))
+    assert model.config.vocab_size == 260
+    keep = np.setdiff1d(np.arange(256), (5, 7))
+    embed = np.asarray(model.embed[...])
+    assert embed.shape == (260, 64)
+    np.testing.assert_array_equal(embed[keep], old_embed[keep])
+    mean = old_embed[keep].mean(0)
+    for row in (5, 7, 256, 257, 258, 259):
+        np.testing.assert_allclose(embed[row], mean, atol=1e-6, rtol=0)
+    if old_head is not None:
+        head = np.asarray(model.lm_head[...])
+        assert head.shape == (64, 260)
+        np.testing.assert_array_equal(head[:, keep], old_head[:, keep])
+        for col in (5, 7, 256, 259):
+            np.testing.assert_allclose(head[:, col], old_head[:, keep].mean(1), atol=1e-6, rtol=0)
+
+    logits = np.asarray(forward(model, tokens, mask))
+    assert logits.shape == (3, T, 260)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(logits[..., keep][valid], old_logits[..., keep][valid], atol=1e-5, rtol=0)
+    # A new column is the mean of the kept columns (the unembedding is linear).
+    np.testing.assert_allclose(logits[..., 257][valid], old_logits[..., keep].mean(-1)[valid], atol=1e-5, rtol=0)
+
+
+def test_resize_vocab_keeps_sharding(zoo):
+    mesh = make_mesh(data=1, fsdp=4, tensor=2)
+    model = from_pretrained(zoo("qwen2")[1], mesh=mesh)
+    resize_vocab(model, 260)
+    assert model.embed[...].sharding.spec == P("tensor", "fsdp")
+    assert model.lm_head[...].sharding.spec == P("fsdp", "tensor")
+    with pytest.raises(ValueError, match="smaller"):
+        resize_vocab(model, 100)
+
+
+# bf16 tolerance: parameters and activations rounded to 8 mantissa bits (relative step 2^-8) through 2
+# layers. On these logits (std ~0.7, |max| ~3) the observed error vs float32 is <= 0.1 max abs and
+# <= 0.014 mean abs (transformers' own bf16 forward is as far off); we allow 0.2 max and 0.025 mean.
+BF16_MAX_ABS, BF16_MEAN_ABS = 0.2, 0.025
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma"])
+def test_bfloat16_params_and_compute(zoo, batch, name):
+    path = zoo(name)[1]
+    tokens, mask = batch
+    model = from_pretrained(path, param_dtype="bfloat16", dtype="bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nnx.state(model)))
+    logits = np.asarray(forward(model, tokens, mask))
+    assert logits.dtype == np.float32
+    expected = np.asarray(forward(from_pretrained(path), tokens, mask))
+    valid = mask.astype(bool)
+    err = np.abs(logits[valid] - expected[valid])
+    assert np.isfinite(logits).all()
+    assert err.max() < BF16_MAX_ABS and err.mean() < BF16_MEAN_ABS, (err.max(), err.mean())
+
+
+# -- 9. remat policies -----------------------------------------------------------------------------------
+
+
+def _count_remat(model, tokens, mask, targets) -> int:
+    """How many remat (jax.checkpoint) regions the gradient's jaxpr has."""
+    graphdef, state = nnx.split(model)
+    args = tuple(map(jnp.asarray, (tokens, mask, targets)))
+    return str(jax.make_jaxpr(lambda s: _loss_grads.__wrapped__(graphdef, True, s, *args))(state)).count("remat")
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_same_gradients(zoo, batch, remat):
+    path = zoo("qwen2")[1]
+    tokens, mask = batch
+    targets = _targets(tokens)
+    plain, rematted = from_pretrained(path), from_pretrained(path, remat=remat)
+    assert _count_remat(rematted, tokens, mask, targets) > _count_remat(plain, tokens, mask, targets)
+    value, grads = loss_grads(plain, tokens, mask, targets)
+    value_r, grads_r = loss_grads(rematted, tokens, mask, targets)
+    np.testing.assert_allclose(value_r, value, rtol=1e-6)
+    assert _max_abs_diff_trees(grads_r, grads) <= 1e-5
