@@ -505,3 +505,33 @@ def test_remat_policies_same_gradients(zoo, batch, remat):
     value_r, grads_r = loss_grads(rematted, tokens, mask, targets)
     np.testing.assert_allclose(value_r, value, rtol=1e-6)
     assert _max_abs_diff_trees(grads_r, grads) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma"])
+def test_attention_bias_checkpoint_is_rejected_or_loaded(tmp_path, family):
+    """Qwen3/Gemma config.json with attention_bias=true: the biases must be loaded or refused, never ignored."""
+    torch_model, path = make_hf_model(family, tmp_path, attention_bias=True)
+    tokens, mask = left_padded_batch(256, (12, 9, 4), 12, seed=1)
+    try:
+        model = from_pretrained(path)
+    except ValueError as e:
+        assert "attention_bias" in str(e) or "bias" in str(e)
+        return
+    logits, _ = model(tokens, np.maximum(np.cumsum(mask, -1) - 1, 0), mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logits)[valid], hf_logits(torch_model, tokens, mask)[valid], atol=1e-4)
+
+
+@pytest.mark.parametrize("first, second", [(40_000, 4 << 30), (4 << 30, 40_000)], ids=["sharded-then-single", "single-then-sharded"])
+def test_save_pretrained_over_previous_save_is_not_stale(tmp_path, first, second):
+    """A save over an earlier one with another shard count must not leave weights that loaders prefer."""
+    _, path = make_hf_model("qwen2", tmp_path)
+    model = from_pretrained(path)
+    out = str(tmp_path / "out")
+    save_pretrained(model, out, max_shard_bytes=first)
+    model.layers["q"][...] = model.layers["q"][...] * 2
+    save_pretrained(model, out, max_shard_bytes=second)
+    latest = np.asarray(model.layers["q"][...])
+    assert np.array_equal(np.asarray(from_pretrained(out).layers["q"][...]), latest)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert float(hf.model.layers[0].self_attn.q_proj.weight[0, 0]) == float(latest[0, 0, 0, 0])

@@ -103,7 +103,7 @@ PRESETS: dict[str, ModelConfig] = {
         "qwen2.5-0.5b": ModelConfig("qwen2", 151_936, 896, 24, 14, 2, 64, 4864, 1_000_000.0, 1e-6, True),
         "qwen2.5-3b": ModelConfig("qwen2", 151_936, 2048, 36, 16, 2, 128, 11_008, 1_000_000.0, 1e-6, True),
         "qwen2.5-7b": ModelConfig("qwen2", 152_064, 3584, 28, 28, 4, 128, 18_944, 1_000_000.0, 1e-6, False),
-        "qwen3-8b": ModelConfig("qwen3", 151_936, 4096, 36, 32, 8, 128, 12_288, 1_000_000.0, 1e-6, False),
+        "qwen3-8b": ModelConfig("qwen3", 151_936, 4096, 36, 32, 8, 128, 12_288, 1_000_000.0, 1e-6, False, 40_960),
         "gemma-2b": ModelConfig("gemma", 256_000, 2048, 18, 8, 1, 256, 16_384, 10_000.0, 1e-6, True, 8192),
         "gemma-7b": ModelConfig("gemma", 256_000, 3072, 28, 16, 16, 256, 24_576, 10_000.0, 1e-6, True, 8192),
         # Tiny presets for tests and the CPU demo (GQA 2:1 for Qwen, MQA for Gemma like gemma-2b).
@@ -142,6 +142,8 @@ def family_from_hf(hf: dict[str, Any], where: str = "config.json") -> str:
 def from_hf_config(hf: dict[str, Any], where: str = "config.json", **overrides) -> ModelConfig:
     """ModelConfig from a parsed Hugging Face config.json (transformers v4 or v5 layout)."""
     family = family_from_hf(hf, where)
+    if family != "qwen2" and hf.get("attention_bias"):
+        raise ValueError(f"{where}: attention_bias=true is not supported for {family} (its q/k/v/o biases would be ignored).")
     if hf.get("use_sliding_window"):
         raise ValueError(f"{where}: use_sliding_window=true is not supported; set it to false.")
     rope = hf.get("rope_parameters") or {}

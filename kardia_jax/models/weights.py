@@ -309,6 +309,10 @@ def save_pretrained(model: Decoder, path: str, *, max_shard_bytes: int = 4 << 30
     local = tempfile.mkdtemp(prefix="kardia_save_") if path.startswith("gs://") else path
     if is_writer:
         os.makedirs(local, exist_ok=True)
+        # An earlier save with another shard count would leave weights that loaders prefer over ours.
+        for name in os.listdir(local):
+            if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")):
+                os.remove(os.path.join(local, name))
     files, weight_map, total = [], {}, 0
     current: dict[str, np.ndarray] = {}
 
