@@ -53,11 +53,28 @@ def train_tokenizer(style: str) -> Tokenizer:
     return tok
 
 
+class RawTokenizer:
+    """The kardia_jax Tokenizer interface the reward builders use, over a bare `tokenizers.Tokenizer`."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token):
+        return self.tok.token_to_id(token)
+
+
 class Setup:
     """A tokenizer and everything the rewards need from it, built on the host."""
 
     def __init__(self, style):
-        self.tok = train_tokenizer(style)
+        self.tok = RawTokenizer(train_tokenizer(style))
         self.marker_ids = {m: self.tok.token_to_id(m) for m in MARKER_TOKENS}
         self.stop_ids = np.array([self.tok.token_to_id(STOP)], np.int32)
         self.whitespace_ids = whitespace_token_ids(self.tok)
@@ -68,7 +85,7 @@ class Setup:
         ids = np.full((len(texts), T), self.marker_ids[MARKER_TOKENS[0]], np.int32)
         mask = np.zeros((len(texts), T), np.int32)
         for row, text in enumerate(texts):
-            encoded = self.tok.encode(text, add_special_tokens=False).ids
+            encoded = self.tok.encode(text)
             assert len(encoded) <= T, text
             ids[row, : len(encoded)] = encoded
             mask[row, : len(encoded)] = 1

@@ -29,15 +29,13 @@ import numpy as np
 
 from kardia_jax.data.spans import MARKER_TOKENS
 
-# Host-side builders accept a Hugging Face `tokenizers.Tokenizer` or a transformers tokenizer: anything
-# with encode(text, add_special_tokens=False) -> ids (or an object with .ids), decode(ids,
-# skip_special_tokens=False) -> str, and get_vocab_size() or len().
+# Host-side builders take a kardia_jax `Tokenizer` (models/tokenizer.py): encode(text) -> ids with no
+# BOS/EOS added, decode(ids, skip_special_tokens=False) -> str, and vocab_size.
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of `text`, without any special tokens the tokenizer would add (BOS, ...)."""
-    encoded = tokenizer.encode(text, add_special_tokens=False)
-    return list(getattr(encoded, "ids", encoded))
+    return list(tokenizer.encode(text))
 
 
 def is_whitespace_token(tokenizer, token_id: int) -> bool:
@@ -47,11 +45,7 @@ def is_whitespace_token(tokenizer, token_id: int) -> bool:
 
 def whitespace_token_ids(tokenizer) -> np.ndarray:
     """[W] int32: every vocabulary id that decodes (alone) to whitespace or nothing. Host side."""
-    if hasattr(tokenizer, "get_vocab_size"):
-        vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    else:
-        vocab_size = len(tokenizer)
-    return np.array([i for i in range(vocab_size) if is_whitespace_token(tokenizer, i)], np.int32)
+    return np.array([i for i in range(tokenizer.vocab_size) if is_whitespace_token(tokenizer, i)], np.int32)
 
 
 def marker_id_array(marker_ids: Mapping[str, int]) -> jax.Array:
