@@ -179,7 +179,7 @@ def test_format_agrees_with_parse_spans_on_random_edits(setup):
     """Random token-level edits of well-formed completions: ids path == text path on every one."""
     rng = np.random.default_rng(0)
     tok = setup.tok
-    vocab = tok.get_vocab_size()
+    vocab = tok.vocab_size
     texts = [tok.decode([i], skip_special_tokens=False) for i in range(vocab)]
     # Content tokens decode to printable ASCII (no byte fragments that could join into whitespace).
     content_ids = [i for i, s in enumerate(texts) if s.strip() and s.isascii() and s.isprintable()

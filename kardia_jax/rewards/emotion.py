@@ -45,11 +45,12 @@ def _strip_whitespace_tokens(tokenizer, ids: list[int]) -> list[int]:
     return ids[content[0] : content[-1] + 1] if content else []
 
 
-def build_label_table(tokenizer, max_len: int = 8) -> np.ndarray:
-    """[32, V, max_len] int32: each label's distinct whitespace-stripped encodings, in EMOTIONS order.
+def build_label_table(tokenizer, max_len: int | None = None) -> np.ndarray:
+    """[32, V, L] int32: each label's distinct whitespace-stripped encodings, in EMOTIONS order.
 
     A label with fewer than V encodings repeats its first one (a row of PAD_ID would match an empty
-    span). Raises if an encoding is longer than `max_len`.
+    span). L is `max_len`, or by default the longest encoding; raises if an encoding is longer than a
+    given `max_len`.
     """
     table = []
     for label in EMOTIONS:
@@ -59,7 +60,7 @@ def build_label_table(tokenizer, max_len: int = 8) -> np.ndarray:
                 for suffix in _SUFFIXES:
                     surface = prefix + case(label) + suffix
                     ids = _strip_whitespace_tokens(tokenizer, encode_text(tokenizer, surface))
-                    if len(ids) > max_len:
+                    if max_len is not None and len(ids) > max_len:
                         raise ValueError(
                             f"build_label_table: {surface!r} is {len(ids)} tokens, more than "
                             f"max_len={max_len}; raise max_len."
@@ -68,6 +69,7 @@ def build_label_table(tokenizer, max_len: int = 8) -> np.ndarray:
                         variants.append(ids)
         table.append(variants)
     num_variants = max(len(v) for v in table)
+    max_len = max_len or max(len(ids) for variants in table for ids in variants)
     out = np.full((len(EMOTIONS), num_variants, max_len), PAD_ID, np.int32)
     for label_index, variants in enumerate(table):
         for v in range(num_variants):
