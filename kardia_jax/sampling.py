@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kardia_jax import sharding
-from kardia_jax.models.decoder import Decoder, fan_out_prefix, init_cache, positions_from_mask
+from kardia_jax.models.decoder import Decoder, fan_out_prefix, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +117,8 @@ def sample(model: Decoder, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
     rules = model.rules
 
     # Prefill once per distinct prompt; only the last position's logits are needed.
-    cache = init_cache(model.config, b, p)
     positions = positions_from_mask(prompt_mask)
-    hidden, cache = model.hidden_states(prompt_tokens, positions, prompt_mask, _constrain_cache(cache, rules))
+    hidden, cache = model.prefill(prompt_tokens, positions, prompt_mask)
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # [B, V]
 
     # Fan out: the prompt cache becomes the shared prefix of the G samples' own caches.

@@ -535,3 +535,25 @@ def test_save_pretrained_over_previous_save_is_not_stale(tmp_path, first, second
     assert np.array_equal(np.asarray(from_pretrained(out).layers["q"][...]), latest)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert float(hf.model.layers[0].self_attn.q_proj.weight[0, 0]) == float(latest[0, 0, 0, 0])
+
+
+def test_prefill_prefix_fan_out_equals_full_forward(tmp_path):
+    """A prompt prefilled once and shared (no copies) by F continuations, with and without an own cache,
+    gives the logits of F independent full forwards."""
+    from kardia_jax.models.decoder import fan_out_prefix
+
+    _, path = make_hf_model("qwen2", tmp_path)
+    model = from_pretrained(path)
+    prompt, prompt_mask = left_padded_batch(256, (7, 4), 7, seed=3)
+    fan, t = 3, 4
+    suffix = np.random.default_rng(4).integers(1, 256, (2 * fan, t)).astype(np.int32)
+    suffix_mask = np.ones_like(suffix)
+    _, cache = model.prefill(jnp.asarray(prompt), positions_from_mask(jnp.asarray(prompt_mask)), jnp.asarray(prompt_mask))
+    start = jnp.repeat(jnp.asarray(prompt_mask).sum(-1), fan)[:, None]
+    full_tokens = np.concatenate([np.repeat(prompt, fan, 0), suffix], 1)
+    full_mask = np.concatenate([np.repeat(prompt_mask, fan, 0), suffix_mask], 1)
+    ref, _ = model(jnp.asarray(full_tokens), positions_from_mask(jnp.asarray(full_mask)), jnp.asarray(full_mask))
+    for own_length in (0, t):
+        shared = fan_out_prefix(cache, fan, own_length)
+        logits, _ = model(jnp.asarray(suffix), start + positions_from_mask(jnp.asarray(suffix_mask)), jnp.asarray(suffix_mask), shared)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref)[:, -t:], atol=1e-5)

@@ -242,6 +242,41 @@ class Decoder(nnx.Module):
         return x, (k, v)
 
     # -- forward ---------------------------------------------------------------------------------
+    def _layer_fn_and_params(self):
+        """The layer function (with the configured remat policy) and the stacked layer parameters."""
+        layer_fn = self._layer
+        if self.config.remat != "none":
+            policy = {
+                "full": None,
+                "dots": jax.checkpoint_policies.checkpoint_dots,
+                "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+            }[self.config.remat]
+            layer_fn = jax.checkpoint(layer_fn, policy=policy)
+        return layer_fn, {name: v[...] for name, v in self.layers.items()}
+
+    def _scan_layers(self, tokens, positions, input_mask):
+        """Scanned forward without a cache: (final-normed hidden [N, T, D], (k, v) [L, N, K, T, Dh])."""
+        x = self.embed_tokens(tokens)
+        t = tokens.shape[1]
+        self_mask = jnp.tril(jnp.ones((t, t), bool))[None] & input_mask.astype(bool)[:, None, :]  # [N, T, T]
+        layer_fn, layer_params = self._layer_fn_and_params()
+        x, kv = jax.lax.scan(lambda x, p: layer_fn(x, p, positions, self_mask, []), x, layer_params)
+        return self.final_hidden(x), kv
+
+    def prefill(self, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array) -> tuple[jax.Array, dict]:
+        """Hidden states [N, T, D] and a cache holding exactly these T columns (scanned, like training).
+
+        Use it as the shared prefix of a decode cache (`fan_out_prefix`), or as the cache itself.
+        """
+        hidden, (k, v) = self._scan_layers(tokens, positions, input_mask)
+        cache = {
+            "k": tuple(k[i] for i in range(self.config.num_layers)),
+            "v": tuple(v[i] for i in range(self.config.num_layers)),
+            "valid": input_mask.astype(bool),
+            "end": jnp.asarray(tokens.shape[1], jnp.int32),
+        }
+        return hidden, cache
+
     def hidden_states(
         self,
         tokens: jax.Array,
@@ -253,29 +288,18 @@ class Decoder(nnx.Module):
 
         tokens, positions, input_mask: [N, T]. With a cache the T tokens attend to every valid cached
         column (and the cache's shared prefix, if it has one) and are then written at columns
-        [end, end + T).
+        [end, end + T); a cache with no columns of its own (a prefix only) is left as it is.
         """
+        if cache is None:
+            return self._scan_layers(tokens, positions, input_mask)[0], None
         x = self.embed_tokens(tokens)
         t = tokens.shape[1]
         valid_new = input_mask.astype(bool)
         self_mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid_new[:, None, :]  # [N, T, T]
-
-        layer_fn = self._layer
-        if self.config.remat != "none":
-            policy = {
-                "full": None,
-                "dots": jax.checkpoint_policies.checkpoint_dots,
-                "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-            }[self.config.remat]
-            layer_fn = jax.checkpoint(layer_fn, policy=policy)
-
-        layer_params = {name: v[...] for name, v in self.layers.items()}
-        if cache is None:
-            x, _ = jax.lax.scan(lambda x, p: (layer_fn(x, p, positions, self_mask, [])[0], None), x, layer_params)
-            return self.final_hidden(x), None
-
+        layer_fn, layer_params = self._layer_fn_and_params()
         end = cache["end"]
         prefix = cache.get("prefix")
+        writes = cache["valid"].shape[1] > 0
         ks, vs = [], []
         for i in range(self.config.num_layers):
             p = {name: value[i] for name, value in layer_params.items()}
@@ -283,8 +307,11 @@ class Decoder(nnx.Module):
             if prefix is not None:
                 blocks.append((prefix["k"][i], prefix["v"][i], prefix["valid"][:, None, :]))
             x, (k, v) = layer_fn(x, p, positions, self_mask, blocks)  # k [N, K, T, Dh]
-            ks.append(jax.lax.dynamic_update_slice(cache["k"][i], k.astype(cache["k"][i].dtype), (0, 0, end, 0)))
-            vs.append(jax.lax.dynamic_update_slice(cache["v"][i], v.astype(cache["v"][i].dtype), (0, 0, end, 0)))
+            if writes:
+                ks.append(jax.lax.dynamic_update_slice(cache["k"][i], k.astype(cache["k"][i].dtype), (0, 0, end, 0)))
+                vs.append(jax.lax.dynamic_update_slice(cache["v"][i], v.astype(cache["v"][i].dtype), (0, 0, end, 0)))
+        if not writes:
+            return self.final_hidden(x), cache
         new_cache = cache | {
             "k": tuple(ks),
             "v": tuple(vs),
