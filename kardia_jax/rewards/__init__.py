@@ -3,6 +3,7 @@
 from kardia_jax.rewards.combine import DEFAULT_WEIGHTS, RUBRIC_CRITERIA, rubric_reward, total_reward
 from kardia_jax.rewards.emotion import build_label_table, emotion_reward
 from kardia_jax.rewards.format import format_reward, whitespace_token_ids
+from kardia_jax.rewards.judge import RubricJudge, load_judge
 
 __all__ = [
     "DEFAULT_WEIGHTS",

@@ -1,0 +1,485 @@
+"""The rubric judge: five criterion scores per completion, read off the judge's next-token distribution.
+
+The judge is read, not decoded. For completion i and criterion c the judge sees the prompt of
+`rubric.py` (rubric + persona + dialogue context + the completion's response span, then the start of
+its reply "<Criterion> score: "), and the score is the expected value of its next token restricted to
+the five tokens "1".."5" (softmax over those five logits), mapped to [0, 1] by (s - 1) / 4:
+
+    scores [N, 5] float32 in [0, 1], columns in RUBRIC_CRITERIA order (rewards/combine.py)
+
+Prefix sharing. Everything up to the judge's reply is the same for the five criteria. It is prefilled
+once per completion into a KV cache [N, K, L, Dh] per layer; `fan_out_prefix(cache, 5, S)` makes it
+the shared prefix of N·5 suffix rows (row i·5 + c = completion i, criterion c), which read it in place,
+and only the last suffix position's hidden state is turned into the five score logits (D x 5, not the
+whole vocabulary).
+
+One prompt's context is shared by its G completions by repetition, not by a second fan-out: the decoder
+has one level of shared prefix, which the five suffixes use, and one contiguous prompt per completion
+lets both input paths end in the same scorer. The price: the G copies of a context, and the rubric
+text common to all prompts, are prefilled once per completion. (Sharing them would need nested
+prefixes in the decoder: rubric for all rows, context per prompt, response per completion, suffix per
+criterion.)
+
+Memory: the prefill attends N rows of L tokens at once; `rows_per_chunk` bounds it (a TPU-sized judge
+with L in the thousands needs it).
+
+Two input paths build the same left-padded judge prompts [N, L], L = len(HEAD) + C + len(MID) + R +
+len(TAIL), C = max_context_tokens, R = max_response_tokens:
+
+  in-graph (`score_ids`, shared vocabulary): inside the jitted step, from the policy's completion ids.
+    The constant pieces are id arrays; the contexts [B, C] come from `prepare_contexts` (host, once per
+    batch of prompts); the response span is cut out of the completion ids; the pieces are packed
+    left-padded into [N, L] by a scatter at cumsum positions.
+  host (`score_texts`, or `score_ids` when the vocabularies differ): completion texts are re-tokenized
+    with the judge's tokenizer on the host. Inside a jitted `score_ids` this is a `jax.pure_callback`
+    that returns the response ids [N, R]; the packing stays in-graph. (Single-host: a callback in a
+    multi-host program runs on one process; there, score texts outside the step with `score_texts`.)
+
+The response span (both paths, the same rule):
+  * if the completion holds `<|response_begin|>` and `<|response_end|>` exactly once each, begin before
+    end: the tokens strictly between them;
+  * otherwise (broken format, e.g. a completion truncated inside its response): the whole completion.
+  Then every span marker and stop token is dropped, whitespace-only tokens at both ends are trimmed, and
+  the first R tokens are kept. An empty span is an empty response (the judge still reads the rest).
+  On text: the same markers and counts on the decoded completion, split at markers and stop strings;
+  each piece is tokenized on its own (a marker splits the tokenization on the id side too) and the same
+  trimming applies to the ids. The paths agree token for token when the policy's completion ids are
+  the canonical tokenization of their text (`encode(decode(ids)) == ids` piecewise); a sampled,
+  non-canonical tokenization is re-canonicalized by the host path only.
+
+Which path: `shared_vocab=None` (default) detects it: True when every token of the policy's vocabulary
+(span markers aside, which never reach the judge) has the same id in the judge's vocabulary: the same
+tokenizer, or a judge whose vocabulary extends the policy's (as Qwen3's is meant to extend Qwen2.5's).
+Pass True/False to force a path.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from kardia_jax import sharding
+from kardia_jax.data.schema import TurnSample
+from kardia_jax.data.spans import MARKER_TOKENS, SPAN_MARKERS
+from kardia_jax.models.decoder import Decoder, fan_out_prefix, init_cache, positions_from_mask
+from kardia_jax.rewards import rubric
+from kardia_jax.rewards.combine import RUBRIC_CRITERIA
+
+NUM_CRITERIA = len(RUBRIC_CRITERIA)
+
+
+def score_token_ids(tokenizer) -> np.ndarray:
+    """[5] int32: the ids of "1".."5" in the judge's tokenizer. Raises if one is not a single token."""
+    ids = []
+    for digit in rubric.SCORE_TOKENS:
+        encoded = list(tokenizer.encode(digit))
+        if len(encoded) != 1:
+            raise ValueError(
+                f"The judge reads its score as one token per digit, but its tokenizer ({type(tokenizer).__name__}) "
+                f"encodes {digit!r} as {len(encoded)} tokens {encoded}. Use a judge whose tokenizer has the "
+                f"digits {rubric.SCORE_TOKENS} as single tokens (Qwen, Gemma and Llama tokenizers do)."
+            )
+        ids.append(encoded[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"The judge's tokenizer maps the score digits {rubric.SCORE_TOKENS} to repeated ids {ids}.")
+    return np.asarray(ids, np.int32)
+
+
+def _vocabulary(tokenizer) -> dict[str, int] | None:
+    hf = getattr(tokenizer, "hf", None)
+    if hf is not None:
+        return dict(hf.get_vocab())
+    sp = getattr(tokenizer, "sp", None)
+    if sp is not None:
+        vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+        return vocab | dict(getattr(tokenizer, "_special_ids", {}))
+    return None
+
+
+def same_vocabulary(policy_tokenizer, judge_tokenizer) -> bool:
+    """True when every policy token except the span markers has the same id for the judge."""
+    if policy_tokenizer is judge_tokenizer:
+        return True
+    policy, judge = _vocabulary(policy_tokenizer), _vocabulary(judge_tokenizer)
+    if policy is None or judge is None:
+        return False
+    markers = set(MARKER_TOKENS)
+    return all(judge.get(token) == i for token, i in policy.items() if token not in markers)
+
+
+def _constrain_cache(cache: dict, rules) -> dict:
+    """Rows over the batch axes and KV heads over tensor, for every cache block and its prefix."""
+    kv_axes = ("activation_batch", "activation_kv_heads", None, None)
+    out = cache | {
+        "k": tuple(sharding.constrain(k, kv_axes, rules) for k in cache["k"]),
+        "v": tuple(sharding.constrain(v, kv_axes, rules) for v in cache["v"]),
+        "valid": sharding.constrain(cache["valid"], ("activation_batch", None), rules),
+    }
+    if "prefix" in cache:
+        out["prefix"] = _constrain_cache(cache["prefix"], rules)
+    return out
+
+
+class RubricJudge:
+    """Scores completions on the five rubric criteria with a frozen decoder (see the module docstring).
+
+    Args:
+      model: the judge `Decoder` (real or abstract from `nnx.eval_shape`: only its graph and config are
+        kept; parameters are passed to every scoring call).
+      tokenizer: the judge's tokenizer.
+      policy_tokenizer: the policy's tokenizer (default: the judge's): its span-marker and stop ids are
+        what the completions hold, and it decodes them for the host path.
+      max_context_tokens: C, the budget of persona + situation + conversation.
+      max_response_tokens: R, the budget of the response span.
+      shared_vocab: which input path `score_ids` takes; None: detect (`same_vocabulary`).
+      rows_per_chunk: score at most this many completions at a time (a `lax.map` over row chunks) to
+        bound the prefill's activation and attention memory; 0: all at once.
+    """
+
+    def __init__(self, model: Decoder, tokenizer, policy_tokenizer=None, *, max_context_tokens: int = 512,
+                 max_response_tokens: int = 256, shared_vocab: bool | None = None, rows_per_chunk: int = 0):
+        self.score_ids_array = score_token_ids(tokenizer)  # [5]; raises first if the digits are not single tokens
+        self.graphdef = nnx.split(model)[0]
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.policy_tokenizer = policy_tokenizer if policy_tokenizer is not None else tokenizer
+        self.max_context_tokens = int(max_context_tokens)
+        self.max_response_tokens = int(max_response_tokens)
+        self.rows_per_chunk = int(rows_per_chunk)
+        self.shared_vocab = same_vocabulary(self.policy_tokenizer, tokenizer) if shared_vocab is None else bool(shared_vocab)
+        self.vocab_size = model.config.vocab_size  # the judge's embedding rows; larger ids never reach it
+
+        self.template = rubric.judge_template(tokenizer)
+        encode = lambda text: np.asarray(tokenizer.encode(text), np.int32)
+        self.head_ids, self.mid_ids, self.tail_ids = (encode(p) for p in (self.template.head, self.template.mid, self.template.tail))
+        suffixes = [encode(s) for s in self.template.suffixes]
+        width = max(len(s) for s in suffixes)
+        self.suffix_ids = np.full((NUM_CRITERIA, width), tokenizer.pad_id, np.int32)  # [5, S], left-padded
+        self.suffix_mask = np.zeros((NUM_CRITERIA, width), np.int32)
+        for c, ids in enumerate(suffixes):
+            self.suffix_ids[c, width - len(ids):] = ids
+            self.suffix_mask[c, width - len(ids):] = 1
+        self.prompt_length = (len(self.head_ids) + self.max_context_tokens + len(self.mid_ids)
+                              + self.max_response_tokens + len(self.tail_ids))  # L
+        constant = np.concatenate([self.head_ids, self.mid_ids, self.tail_ids, self.suffix_ids.ravel(), self.score_ids_array])
+        if constant.max() >= self.vocab_size:
+            raise ValueError(f"The judge prompt uses token id {constant.max()} but the judge model has only "
+                             f"{self.vocab_size} embedding rows: the judge tokenizer does not belong to the judge model.")
+        for suffix in self.template.suffixes:
+            with_digit = tokenizer.encode(suffix + rubric.SCORE_TOKENS[0])
+            if with_digit != tokenizer.encode(suffix) + [int(self.score_ids_array[0])]:
+                logging.warning("The judge tokenizer merges the score digit into the end of %r, so the judge is "
+                                "read at a token boundary its own text would not have.", suffix)
+
+        policy = self.policy_tokenizer
+        self.marker_ids = np.asarray([policy.marker_ids[m] for m in MARKER_TOKENS], np.int32)  # [8], policy ids
+        self.response_begin_id = policy.marker_ids[SPAN_MARKERS["response"][0]]
+        self.response_end_id = policy.marker_ids[SPAN_MARKERS["response"][1]]
+        self.stop_ids = np.asarray(policy.stop_ids, np.int32)
+        # The host path cuts a completion's text at every marker and stop string.
+        stop_texts = [policy.decode([i]) for i in policy.stop_ids]
+        cuts = sorted({*MARKER_TOKENS, *(s for s in stop_texts if s)}, key=len, reverse=True)
+        self._cut_pattern = re.compile("|".join(re.escape(s) for s in cuts))
+        self._score_prompts_jit = jax.jit(self.score_prompts)
+
+    # -- host side: contexts and responses as judge token ids -------------------------------------------
+
+    @functools.cached_property
+    def whitespace_table(self) -> np.ndarray:
+        """[V_judge] bool: ids that decode (alone) to whitespace or nothing; trimmed at the response's ends."""
+        table = np.zeros(self.vocab_size, bool)
+        for i in range(min(self.tokenizer.vocab_size, self.vocab_size)):
+            table[i] = not self.tokenizer.decode([i]).strip()
+        return table
+
+    def context_ids(self, sample: TurnSample) -> list[int]:
+        """The judge ids of one prompt's context (persona, situation, conversation), at most C of them.
+
+        Over budget, the conversation loses its oldest tokens first, but the profile keeps at least half
+        of the budget (or all it needs, if less).
+        """
+        profile, conversation = rubric.context_parts(sample)
+        profile_ids = self.tokenizer.encode(profile)
+        conversation_ids = self.tokenizer.encode(conversation) if conversation else []
+        budget = self.max_context_tokens
+        keep_conversation = min(len(conversation_ids), budget - min(len(profile_ids), budget // 2))
+        keep_profile = min(len(profile_ids), budget - keep_conversation)
+        return profile_ids[:keep_profile] + conversation_ids[len(conversation_ids) - keep_conversation:]
+
+    def prepare_contexts(self, samples: Sequence[TurnSample]) -> dict[str, np.ndarray]:
+        """Host, once per batch of B prompts: {"context_ids": [B, C] int32 (right-padded with the judge's
+        pad id), "context_mask": [B, C] int32}."""
+        ids = np.full((len(samples), self.max_context_tokens), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros((len(samples), self.max_context_tokens), np.int32)
+        for row, sample in enumerate(samples):
+            context = self.context_ids(sample)
+            ids[row, :len(context)] = context
+            mask[row, :len(context)] = 1
+        return {"context_ids": ids, "context_mask": mask}
+
+    def decode_completions(self, completion_ids, completion_mask) -> list[str]:
+        """The policy's completions [N, T] as text: the masked ids without stop tokens, markers kept."""
+        ids, mask = np.asarray(completion_ids), np.asarray(completion_mask) > 0
+        stops = set(self.stop_ids.tolist())
+        return [self.policy_tokenizer.decode([int(t) for t in row[m] if int(t) not in stops]) for row, m in zip(ids, mask)]
+
+    def response_ids(self, completion: str) -> list[int]:
+        """The judge ids of a completion text's response span (module docstring), at most R of them."""
+        begin, end = SPAN_MARKERS["response"]
+        span = completion
+        if completion.count(begin) == 1 and completion.count(end) == 1 and completion.index(begin) < completion.index(end):
+            span = completion[completion.index(begin) + len(begin):completion.index(end)]
+        ids = [i for piece in self._cut_pattern.split(span) if piece for i in self.tokenizer.encode(piece)]
+        ids = [i for i in ids if 0 <= i < self.vocab_size]
+        content = [k for k, i in enumerate(ids) if not self.whitespace_table[i]]
+        ids = ids[content[0]:content[-1] + 1] if content else []
+        return ids[:self.max_response_tokens]
+
+    def assemble_texts(self, completions: Sequence[str], samples: Sequence[TurnSample]) -> tuple[np.ndarray, np.ndarray]:
+        """Host path: the judge prompts of N completion texts, left-padded: tokens, mask [N, L] int32.
+
+        `samples` holds one sample per completion, or B samples for N = B·G completions (completion
+        i belongs to sample i // G, the sampler's order).
+        """
+        rows = _per_completion(samples, len(completions))
+        contexts = {id(s): self.context_ids(s) for s in rows}
+        length = self.prompt_length
+        tokens = np.full((len(completions), length), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros((len(completions), length), np.int32)
+        for row, (text, sample) in enumerate(zip(completions, rows)):
+            ids = [*self.head_ids, *contexts[id(sample)], *self.mid_ids, *self.response_ids(text), *self.tail_ids]
+            tokens[row, length - len(ids):] = ids
+            mask[row, length - len(ids):] = 1
+        return tokens, mask
+
+    def score_texts(self, params, completions: Sequence[str], samples: Sequence[TurnSample]) -> np.ndarray:
+        """Host path: [N, 5] float32 scores of completion texts (decoded with the span markers kept, e.g.
+        by `decode_completions`), with the same jitted scorer as the in-graph path."""
+        tokens, mask = self.assemble_texts(completions, samples)
+        return np.asarray(self._score_prompts_jit(params, tokens, mask))
+
+    def scorer(self, params, batch_size: int = 32) -> Callable[[Sequence[TurnSample], Sequence[str]], dict[str, np.ndarray]]:
+        """A scorer for `kardia_jax.evaluate` scorers: (samples, completions) -> {"judge_<criterion>":
+        [N] expected score on the paper's 1-5 scale}. Scores `batch_size` completions per call (the last
+        batch padded) so one program serves every batch."""
+
+        def score(samples, completions):
+            out = []
+            for start in range(0, len(completions), batch_size):
+                texts = list(completions[start:start + batch_size])
+                rows = list(samples[start:start + batch_size])
+                pad = batch_size - len(texts)
+                out.append(self.score_texts(params, texts + texts[-1:] * pad, rows + rows[-1:] * pad)[:len(texts)])
+            scores = np.concatenate(out) if out else np.zeros((0, NUM_CRITERIA), np.float32)
+            return {f"judge_{name}": 1.0 + 4.0 * scores[:, c] for c, name in enumerate(RUBRIC_CRITERIA)}
+
+        return score
+
+    # -- in-graph: the response span and the packing --------------------------------------------------
+
+    def response_mask(self, completion_ids: jax.Array, completion_mask: jax.Array) -> jax.Array:
+        """[N, T] bool: which completion tokens form the judge's response span (module docstring)."""
+        ids = completion_ids  # [N, T]
+        t = ids.shape[1]
+        valid = completion_mask > 0
+        position = jnp.arange(t)
+        begin_hits = (ids == self.response_begin_id) & valid
+        end_hits = (ids == self.response_end_id) & valid
+        begin, end = jnp.argmax(begin_hits, axis=1)[:, None], jnp.argmax(end_hits, axis=1)[:, None]  # [N, 1]
+        well_formed = (begin_hits.sum(1) == 1) & (end_hits.sum(1) == 1) & (begin[:, 0] < end[:, 0])  # [N]
+        inside = jnp.where(well_formed[:, None], (position > begin) & (position < end), True)
+        keep = (valid & inside & ~jnp.isin(ids, self.marker_ids) & ~jnp.isin(ids, self.stop_ids)
+                & (ids >= 0) & (ids < self.vocab_size))
+        content = keep & ~jnp.take(jnp.asarray(self.whitespace_table), ids, mode="clip")
+        first = jnp.argmax(content, axis=1)[:, None]
+        last = t - 1 - jnp.argmax(content[:, ::-1], axis=1)[:, None]
+        keep = keep & content.any(axis=1, keepdims=True) & (position >= first) & (position <= last)
+        return keep & (jnp.cumsum(keep, axis=1) <= self.max_response_tokens)
+
+    def _host_response(self, completion_ids, completion_mask) -> tuple[np.ndarray, np.ndarray]:
+        """pure_callback body: judge ids [N, R] (left-aligned) and their mask of re-tokenized responses."""
+        out = np.full((completion_ids.shape[0], self.max_response_tokens), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros_like(out, dtype=bool)
+        for row, text in enumerate(self.decode_completions(completion_ids, completion_mask)):
+            ids = self.response_ids(text)
+            out[row, :len(ids)], mask[row, :len(ids)] = ids, True
+        return out, mask
+
+    def assemble_ids(self, completion_ids: jax.Array, completion_mask: jax.Array, contexts,
+                     context_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The judge prompts [N, L] (tokens, mask int32), left-padded, of N = B·G completions.
+
+        completion_ids, completion_mask: [N, T] policy ids (mask 1 up to and including the stop token).
+        contexts: `prepare_contexts`'s dict (on device), or context_ids [B, C] with `context_mask`.
+        Completion i reads the context of prompt i // G. Jittable.
+        """
+        if isinstance(contexts, Mapping):
+            context_ids, context_mask = contexts["context_ids"], contexts["context_mask"]
+        else:
+            context_ids = contexts
+        n, b = completion_ids.shape[0], context_ids.shape[0]
+        if n % b:
+            raise ValueError(f"judge: {n} completions do not split into groups over {b} prompts' contexts.")
+        if self.shared_vocab:
+            response, keep = completion_ids, self.response_mask(completion_ids, completion_mask)
+        else:
+            shapes = (jax.ShapeDtypeStruct((n, self.max_response_tokens), jnp.int32),
+                      jax.ShapeDtypeStruct((n, self.max_response_tokens), jnp.bool_))
+            response, keep = jax.pure_callback(self._host_response, shapes, completion_ids, completion_mask)
+        group = n // b
+        context_ids = jnp.repeat(context_ids, group, axis=0)  # [N, C]
+        context_mask = jnp.repeat(context_mask > 0, group, axis=0)
+
+        def constant(ids):
+            return jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (n, len(ids))), jnp.ones((n, len(ids)), bool)
+
+        pieces = [constant(self.head_ids), (context_ids, context_mask), constant(self.mid_ids),
+                  (response, keep), constant(self.tail_ids)]
+        raw = jnp.concatenate([ids.astype(jnp.int32) for ids, _ in pieces], axis=1)  # [N, W], W >= L
+        valid = jnp.concatenate([m for _, m in pieces], axis=1)
+        length = self.prompt_length
+        count = valid.sum(axis=1, keepdims=True)  # [N, 1] <= L
+        target = jnp.where(valid, length - count + jnp.cumsum(valid, axis=1) - 1, length)  # L: dropped
+        rows = jnp.arange(n)[:, None]
+        tokens = jnp.full((n, length), self.tokenizer.pad_id, jnp.int32).at[rows, target].set(raw, mode="drop")
+        mask = (jnp.arange(length)[None] >= length - count).astype(jnp.int32)
+        return tokens, mask
+
+    # -- in-graph: the scorer -------------------------------------------------------------------------
+
+    def score_logits(self, params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        """[N, 5, 5] float32: per completion and criterion, the judge's logits of "1".."5" after the
+        criterion's suffix, for left-padded prompts tokens, mask [N, L] (prefix shared by the 5 suffixes)."""
+        model = nnx.merge(self.graphdef, params)
+        rules = model.rules
+        n, length = tokens.shape
+        # The barrier keeps XLA from constant-folding attention over the empty cache (minutes at L ~ 1k).
+        cache = _constrain_cache(jax.lax.optimization_barrier(init_cache(model.config, n, length)), rules)
+        _, cache = model.hidden_states(tokens, positions_from_mask(mask), mask, cache)
+
+        # Fan out: the prompt's cache is the shared prefix of its five criterion rows (i·5 + c).
+        suffix_ids = jnp.tile(jnp.asarray(self.suffix_ids), (n, 1))  # [N·5, S]
+        suffix_mask = jnp.tile(jnp.asarray(self.suffix_mask), (n, 1))
+        cache = _constrain_cache(fan_out_prefix(cache, NUM_CRITERIA, suffix_ids.shape[1]), rules)
+        start = jnp.repeat(mask.sum(axis=1), NUM_CRITERIA)[:, None]  # [N·5, 1] the prompt's length
+        hidden, _ = model.hidden_states(suffix_ids, start + positions_from_mask(suffix_mask), suffix_mask, cache)
+        last = hidden[:, -1]  # [N·5, D]; suffixes are left-padded, so the last column is the last token
+        unembed = model.unembed_matrix()[:, self.score_ids_array].astype(last.dtype)  # [D, 5]
+        logits = jnp.einsum("nd,dk->nk", last, unembed, preferred_element_type=jnp.float32)
+        return logits.reshape(n, NUM_CRITERIA, len(rubric.SCORE_TOKENS))
+
+    def score_prompts(self, params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        """[N, 5] scores in [0, 1] of assembled prompts [N, L], in chunks of `rows_per_chunk`. Jittable."""
+        chunk = self.rows_per_chunk
+        n = tokens.shape[0]
+        if not chunk or n <= chunk:
+            return scores_from_logits(self.score_logits(params, tokens, mask))
+        pad = -n % chunk  # padding rows hold no tokens; their scores are cut off
+        tokens = jnp.pad(tokens, ((0, pad), (0, 0)), constant_values=self.tokenizer.pad_id)
+        mask = jnp.pad(mask, ((0, pad), (0, 0)))
+        steps = (n + pad) // chunk
+        # Strided chunks: step i scores rows i, i + steps, i + 2·steps, ..., so with rows split over
+        # devices in contiguous blocks every step keeps every device busy.
+        strided = lambda x: x.reshape(chunk, steps, *x.shape[1:]).swapaxes(0, 1)  # [steps, chunk, ...]
+        out = jax.lax.map(lambda tm: scores_from_logits(self.score_logits(params, *tm)),
+                          (strided(tokens), strided(mask)))  # [steps, chunk, 5]
+        return out.swapaxes(0, 1).reshape(n + pad, NUM_CRITERIA)[:n]
+
+    def score_ids(self, params, completion_ids: jax.Array, completion_mask: jax.Array, contexts,
+                  context_mask: jax.Array | None = None) -> jax.Array:
+        """[N, 5] float32 in [0, 1]: the rubric scores of N = B·G policy completions. Jittable; call it
+        inside the rollout's jit with the judge's parameters as an argument.
+
+        completion_ids, completion_mask: [N, T] as the sampler returns them (sample i·G + g of prompt i).
+        contexts: `prepare_contexts(samples)` of the B prompts (on device), or context_ids [B, C] and
+        context_mask [B, C].
+        Cost: a prefill of N prompts of length L, then N·5 suffix rows of S tokens reading it.
+        """
+        tokens, mask = self.assemble_ids(completion_ids, completion_mask, contexts, context_mask)
+        return self.score_prompts(params, tokens, mask)
+
+
+def scores_from_logits(logits: jax.Array) -> jax.Array:
+    """[..., 5] logits of "1".."5" -> [...] expected score, renormalized over the five, mapped to [0, 1]."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    expected = jnp.sum(probs * jnp.arange(1, 6, dtype=jnp.float32), axis=-1)
+    return (expected - 1.0) / 4.0
+
+
+def _per_completion(samples: Sequence[TurnSample], n: int) -> list[TurnSample]:
+    samples = list(samples)
+    if not samples or n % len(samples):
+        raise ValueError(f"judge: {n} completions need one sample each or B samples with N = B·G; got {len(samples)}.")
+    group = n // len(samples)
+    return [samples[i // group] for i in range(n)]
+
+
+# -- loading -------------------------------------------------------------------------------------------
+
+
+def load_judge(config, mesh, policy_tokenizer, policy_model: Decoder | None = None):
+    """The judge named by `config.judge`, sharded over `mesh` with `config.judge.rules`.
+
+    Exactly one source: `from_policy` (a frozen copy of `policy_model`'s parameters, in new buffers, so
+    policy updates that donate their inputs leave it intact), `hf_path` (a Hugging Face checkpoint; its
+    own tokenizer unless `tokenizer_path` says otherwise) or `preset` (random init, for tests and
+    benchmarks). The judge's tokenizer is `judge.tokenizer_path` if set, else the checkpoint's for
+    `hf_path`, else the policy's.
+
+    Returns (judge: RubricJudge, params: nnx.State).
+    """
+    from kardia_jax.models import config as model_configs  # pylint: disable=import-outside-toplevel
+    from kardia_jax.models import weights  # pylint: disable=import-outside-toplevel
+    from kardia_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+
+    j = config.judge
+    sources = {"from_policy": bool(j.from_policy), "hf_path": bool(j.hf_path), "preset": bool(j.preset)}
+    if sum(sources.values()) != 1:
+        raise ValueError(f"config.judge: set exactly one of from_policy=True, hf_path, preset; got {sources}.")
+    rules = sharding.rules_from_config(j.rules)
+    overrides = {"param_dtype": j.param_dtype, "dtype": j.dtype, "remat": "none"}
+    if j.tokenizer_path:
+        tokenizer = load_tokenizer(j.tokenizer_path)
+    elif j.hf_path:
+        tokenizer = load_tokenizer(weights._local_dir(j.hf_path))  # pylint: disable=protected-access
+    else:
+        tokenizer = policy_tokenizer
+
+    if j.hf_path:
+        model = weights.from_pretrained(j.hf_path, mesh=mesh, rules=rules, **overrides)
+        graphdef, params = nnx.split(model)
+        source = j.hf_path
+    else:
+        if j.from_policy:
+            if policy_model is None:
+                raise ValueError("config.judge.from_policy=True needs the policy model: pass policy_model to load_judge.")
+            model_config = policy_model.config.replace(**overrides)
+        else:
+            model_config = model_configs.preset(j.preset, **overrides)
+            if tokenizer.vocab_size > model_config.vocab_size:
+                raise ValueError(f"config.judge.preset={j.preset!r} has vocab {model_config.vocab_size} < the judge "
+                                 f"tokenizer's {tokenizer.vocab_size} ids; pick a larger preset.")
+        create = lambda: Decoder(model_config, rngs=nnx.Rngs(config.seed), rules=rules)
+        graphdef, abstract = nnx.split(nnx.eval_shape(create))
+        shardings = sharding.state_shardings(abstract, rules, mesh)
+        if j.from_policy:
+            dtype = jnp.dtype(model_config.param_dtype)
+            copied = jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), nnx.split(policy_model)[1])
+            params = jax.device_put(copied, shardings)
+            source = "a frozen copy of the policy"
+        else:
+            params = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+            source = f"preset {j.preset!r} (random init)"
+    judge = RubricJudge(nnx.merge(graphdef, params), tokenizer, policy_tokenizer,
+                        max_context_tokens=j.max_context_tokens, max_response_tokens=j.max_response_tokens,
+                        rows_per_chunk=j.get("rows_per_chunk", 0))
+    logging.info("Judge: %s; prompts of %d tokens; %s.", source, judge.prompt_length,
+                 "assembled in-graph (shared vocabulary)" if judge.shared_vocab else "re-tokenized on the host")
+    return judge, params

@@ -1,0 +1,230 @@
+"""The rubric judge: score reading, in-graph vs host paths, prefix sharing vs full prompts, packing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kardia_jax import sharding
+from kardia_jax.config import base_config
+from kardia_jax.data.pipeline import load_samples
+from kardia_jax.data.sources import sample_path
+from kardia_jax.data.spans import parse_spans
+from kardia_jax.models import Decoder, positions_from_mask, preset
+from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
+from kardia_jax.rewards import RUBRIC_CRITERIA, rubric
+from kardia_jax.rewards.judge import RubricJudge, load_judge, same_vocabulary
+
+CONTEXT_TOKENS, RESPONSE_TOKENS = 48, 12
+B, G = 4, 2  # prompts x completions per prompt = the 8 completions below
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(tokenizer_path())
+
+
+@pytest.fixture(scope="module")
+def samples():
+    train, _ = load_samples(sample_path(), "train")
+    later_turns = [s for s in train if s.turn_index >= 1]  # with an Assistant line in the context
+    return [train[0], *later_turns[:B - 1]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = Decoder(preset("tiny-qwen2", vocab_size=2176), rngs=nnx.Rngs(0))
+    # Larger weights than at init: score distributions that differ between completions, so errors show.
+    model.lm_head[...] = model.lm_head[...] * 5.0
+    for name, scale in (("q", 3.0), ("k", 3.0), ("v", 3.0), ("o", 5.0), ("down", 5.0)):
+        model.layers[name][...] = model.layers[name][...] * scale
+    return model
+
+
+@pytest.fixture(scope="module")
+def judge(model, tokenizer):
+    return RubricJudge(model, tokenizer, max_context_tokens=CONTEXT_TOKENS, max_response_tokens=RESPONSE_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def score_ids(judge):
+    """The in-graph path, jitted once for the module (each test scores the same shapes)."""
+    return jax.jit(judge.score_ids)
+
+
+def _completion_texts(samples):
+    """Completions with a well-formed span (long: truncated at R, and short) and broken formats."""
+    end = "<|im_end|>"
+    spans = "<|understanding_begin|>u<|understanding_end|><|reasoning_begin|>r<|reasoning_end|><|emotion_begin|>sad<|emotion_end|>"
+    return [
+        samples[0].target + end,  # well formed, long response (truncated at R)
+        spans + "<|response_begin|>I hear you.<|response_end|>" + end,  # well formed, short
+        spans + "<|response_begin|>It sounds so hard, and I am",  # truncated inside the response: no end, no stop
+        "\n\nI am here for you.\n" + end,  # no markers at all; whitespace tokens at the ends are trimmed
+        spans + "<|response_begin|>a<|response_end|><|response_begin|>b<|response_end|>" + end,  # response twice
+        spans + "<|response_begin|> \n <|response_end|>" + end,  # empty response
+        "<|response_end|>first<|response_begin|> then" + end,  # out of order
+        spans + "<|response_begin|>Hi<|emotion_end|> there\n<|response_end|>" + end,  # stray marker inside
+    ]
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer, samples, judge):
+    texts = _completion_texts(samples)
+    ids = [tokenizer.encode(t) for t in texts]
+    width = max(len(i) for i in ids) + 3
+    tokens = np.full((len(ids), width), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(ids), width), np.int32)
+    for row, seq in enumerate(ids):
+        tokens[row, :len(seq)], mask[row, :len(seq)] = seq, 1
+    contexts = judge.prepare_contexts(samples)
+    return texts, tokens, mask, contexts
+
+
+def test_score_tokens_must_be_single_tokens(model, tokenizer):
+    class SplitsThree:
+        """The shipped tokenizer, except that "3" takes two tokens."""
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def encode(self, text):
+            return [29, 29] if text == "3" else tokenizer.encode(text)
+
+    with pytest.raises(ValueError, match=r"encodes '3' as 2 tokens"):
+        RubricJudge(model, SplitsThree())
+
+
+def test_certain_four_scores_exactly_075(model, tokenizer, score_ids, batch):
+    """Hidden dim 0 always positive (a large constant in every embedding row) and the only one the final
+    norm lets through; lm_head maps it to "4" alone, so p("4") = 1 after every suffix."""
+    _, tokens, mask, contexts = batch
+    graphdef, params = nnx.split(model)
+    four = tokenizer.encode("4")[0]
+    params = jax.tree.map(lambda x: x, params)
+    params["embed"][...] = params["embed"][...].at[:, 0].set(10.0)
+    params["final_norm"][...] = jnp.zeros_like(params["final_norm"][...]).at[0].set(1.0)
+    params["lm_head"][...] = jnp.zeros_like(params["lm_head"][...]).at[0, four].set(1e4)
+    scores = np.asarray(score_ids(params, tokens, mask, contexts))
+    assert scores.shape == (len(tokens), len(RUBRIC_CRITERIA)) and scores.dtype == np.float32
+    np.testing.assert_array_equal(scores, np.full_like(scores, 0.75))
+
+
+def test_packing_equals_host_tokenization(judge, tokenizer, samples, batch):
+    texts, tokens, mask, contexts = batch
+    in_graph, in_graph_mask = jax.jit(judge.assemble_ids)(tokens, mask, contexts)
+    host, host_mask = judge.assemble_texts(judge.decode_completions(tokens, mask), samples)
+    np.testing.assert_array_equal(np.asarray(in_graph_mask), host_mask)
+    np.testing.assert_array_equal(np.asarray(in_graph), host)
+    assert len(set(host_mask.sum(1).tolist())) >= 4  # different lengths, left-padded
+
+    # What the response slot holds, against rules written out here.
+    head, mid, tail = len(judge.head_ids), len(judge.mid_ids), len(judge.tail_ids)
+
+    def response_of(row):
+        seq = host[row][host_mask[row] > 0]
+        context = int(contexts["context_mask"][row // G].sum())
+        assert list(seq[:head]) == list(judge.head_ids) and list(seq[len(seq) - tail:]) == list(judge.tail_ids)
+        assert list(seq[head + context:head + context + mid]) == list(judge.mid_ids)
+        return list(seq[head + context + mid:len(seq) - tail])
+
+    assert response_of(0) == tokenizer.encode(parse_spans(samples[0].target)["response"])[:RESPONSE_TOKENS]
+    assert len(response_of(0)) == RESPONSE_TOKENS  # truncated
+    assert response_of(1) == tokenizer.encode("I hear you.")
+    assert response_of(2) == [i for p in ("u", "r", "sad", "It sounds so hard, and I am") for i in tokenizer.encode(p)][:RESPONSE_TOKENS]
+    assert response_of(3) == tokenizer.encode("I am here for you.")
+    assert response_of(5) == []
+    assert response_of(7) == tokenizer.encode("Hi") + tokenizer.encode(" there")
+    # The context slot: the profile first; over budget, the oldest conversation tokens go first.
+    profile, conversation = rubric.context_parts(samples[1])
+    context = list(contexts["context_ids"][1][contexts["context_mask"][1] > 0])
+    assert len(context) == CONTEXT_TOKENS
+    assert context[-5:] == tokenizer.encode(conversation)[-5:] and context[:5] == tokenizer.encode(profile)[:5]
+
+
+def test_in_graph_and_host_paths_give_the_same_scores(model, judge, score_ids, samples, batch):
+    _, tokens, mask, contexts = batch
+    params = nnx.split(model)[1]
+    in_graph = np.asarray(score_ids(params, tokens, mask, contexts))
+    host = judge.score_texts(params, judge.decode_completions(tokens, mask), samples)
+    np.testing.assert_allclose(in_graph, host, atol=1e-6)
+    assert np.all((in_graph >= 0) & (in_graph <= 1)) and np.ptp(in_graph, axis=0).min() > 1e-3
+    # The re-tokenizing path inside the step (pure_callback), as for a judge with another tokenizer:
+    # it assembles the same prompts.
+    retokenized = RubricJudge(model, judge.tokenizer, shared_vocab=False, max_context_tokens=CONTEXT_TOKENS,
+                              max_response_tokens=RESPONSE_TOKENS)
+    retokenized_prompts = jax.jit(retokenized.assemble_ids)(tokens, mask, contexts)  # the scorer is the same
+    for got, want in zip(retokenized_prompts, judge.assemble_texts(judge.decode_completions(tokens, mask), samples)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_prefix_sharing_equals_five_full_prompts(model, judge, batch):
+    _, tokens, mask, contexts = batch
+    params = nnx.split(model)[1]
+    prompts, prompt_mask = jax.jit(judge.assemble_ids)(tokens, mask, contexts)
+    prompts, prompt_mask = np.asarray(prompts), np.asarray(prompt_mask)
+    logits = np.asarray(jax.jit(judge.score_logits)(params, prompts, prompt_mask))  # [N, 5, 5]
+
+    # Reference: each (completion, criterion) prompt as one sequence through a plain forward, no cache.
+    suffixes = [judge.tokenizer.encode(s) for s in judge.template.suffixes]
+    width = prompts.shape[1] + max(len(s) for s in suffixes)
+
+    @jax.jit
+    def last_logits(seq, seq_mask):
+        out, _ = model(seq, positions_from_mask(seq_mask), seq_mask)
+        return out[:, -1][:, judge.score_ids_array]
+
+    for row in (0, 5):  # a long (truncated) and an empty response: the longest and shortest prompts
+        prefix = list(prompts[row][prompt_mask[row] > 0])
+        seq = np.zeros((len(suffixes), width), np.int32)
+        seq_mask = np.zeros_like(seq)
+        for c, suffix in enumerate(suffixes):
+            full = prefix + suffix
+            seq[c, width - len(full):], seq_mask[c, width - len(full):] = full, 1
+        ref = np.asarray(last_logits(seq, seq_mask))
+        np.testing.assert_allclose(jax.nn.log_softmax(logits[row]), jax.nn.log_softmax(ref), atol=1e-5)
+
+    # Scores from those logits, also when scored in chunks of rows (8 rows: 3 + 3 + 2 padded).
+    expected = (np.sum(np.asarray(jax.nn.softmax(logits)) * np.arange(1, 6), axis=-1) - 1) / 4
+    chunked = RubricJudge(model, judge.tokenizer, max_context_tokens=CONTEXT_TOKENS,
+                          max_response_tokens=RESPONSE_TOKENS, rows_per_chunk=3)
+    np.testing.assert_allclose(np.asarray(jax.jit(chunked.score_prompts)(params, prompts, prompt_mask)), expected, atol=1e-6)
+
+
+def test_vocabulary_detection_and_load_judge(model, tokenizer, judge, score_ids, batch):
+    _, tokens, mask, contexts = batch
+    assert judge.shared_vocab and same_vocabulary(tokenizer, load_tokenizer(tokenizer_path()))
+
+    config = base_config()
+    config.judge.from_policy = True
+    config.judge.max_context_tokens, config.judge.max_response_tokens = CONTEXT_TOKENS, RESPONSE_TOKENS
+    mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)
+    with jax.set_mesh(mesh):
+        loaded, params = load_judge(config, mesh, tokenizer, model)
+        policy = nnx.split(model)[1]
+        assert all(a is not b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(policy)))  # a copy
+        embed = params["embed"][...]
+        assert embed.sharding.spec == sharding.logical_to_spec(("vocab", "embed"), embed.shape, sharding.DEFAULT_RULES, dict(mesh.shape))
+        sharded = np.asarray(jax.jit(loaded.score_ids)(params, tokens, mask, contexts))
+    unsharded = np.asarray(score_ids(policy, tokens, mask, contexts))
+    np.testing.assert_allclose(sharded, unsharded, atol=1e-5)
+
+    config.judge.from_policy, config.judge.preset = False, "tiny-qwen2"
+    config.judge.max_context_tokens = 16
+    with jax.set_mesh(mesh):
+        random_judge, _ = load_judge(config, mesh, tokenizer)
+    assert random_judge.prompt_length == judge.prompt_length - CONTEXT_TOKENS + 16
+
+
+def test_piecewise_ids_are_the_whole_prompts_tokenization(model, tokenizer):
+    """The judge reads pieces tokenized one by one; on the shipped tokenizer that is exactly the
+    tokenization of the whole rendered prompt (within budget), i.e. a normal chat for the judge."""
+    roomy = RubricJudge(model, tokenizer, max_context_tokens=1024, max_response_tokens=256)
+    train, _ = load_samples(sample_path(), "train")
+    for sample in train[:12]:
+        completion = sample.target + "<|im_end|>"
+        tokens, mask = roomy.assemble_texts([completion], [sample])
+        whole = tokenizer.encode(roomy.template.render("".join(rubric.context_parts(sample)), parse_spans(sample.target)["response"], 0))
+        suffix = tokenizer.encode(roomy.template.suffixes[0])
+        assert list(tokens[0][mask[0] > 0]) + suffix == whole
