@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kardia_jax import sharding
 from kardia_jax.models.decoder import Decoder, fan_out_prefix, positions_from_mask
 
 
@@ -96,25 +95,11 @@ def _choose(logits: jax.Array, key: jax.Array, config: SamplingConfig):
     return token.astype(jnp.int32), logprob
 
 
-def _constrain_cache(cache, rules):
-    """Batch over (data, fsdp) and KV heads over tensor for every cache block (and its prefix)."""
-    kv_axes = ("activation_batch", "activation_kv_heads", None, None)
-    out = cache | {
-        "k": tuple(sharding.constrain(k, kv_axes, rules) for k in cache["k"]),
-        "v": tuple(sharding.constrain(v, kv_axes, rules) for v in cache["v"]),
-        "valid": sharding.constrain(cache["valid"], ("activation_batch", None), rules),
-    }
-    if "prefix" in cache:
-        out["prefix"] = _constrain_cache(cache["prefix"], rules)
-    return out
-
-
 def sample(model: Decoder, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array, config: SamplingConfig) -> SampleOutput:
     """Samples G completions per prompt. Pure function of its inputs: call it inside `jax.jit`
     (see `make_sampler`). prompt_tokens, prompt_mask: [B, P], left-padded."""
     b, p = prompt_tokens.shape
     g, t_new = config.num_samples, config.max_new_tokens
-    rules = model.rules
 
     # Prefill once per distinct prompt; only the last position's logits are needed.
     positions = positions_from_mask(prompt_mask)
@@ -122,7 +107,7 @@ def sample(model: Decoder, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # [B, V]
 
     # Fan out: the prompt cache becomes the shared prefix of the G samples' own caches.
-    cache = _constrain_cache(fan_out_prefix(cache, g, t_new), rules)
+    cache = model.constrain_cache(fan_out_prefix(cache, g, t_new))
     logits = jnp.repeat(logits, g, axis=0)  # [B·G, V]
     next_position = jnp.repeat(positions[:, -1] + 1, g)  # [B·G]
     n = b * g

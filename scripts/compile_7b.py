@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
 from kardia_jax import sharding  # noqa: E402
 from kardia_jax.models import Decoder, positions_from_mask, preset  # noqa: E402

@@ -130,16 +130,27 @@ def attend(q: jax.Array, blocks) -> jax.Array:
 
 
 def fan_out_prefix(cache: dict, num_samples: int, length: int) -> dict:
-    """Turns a prefilled cache of B rows into the shared *prefix* of a fresh cache of B·num_samples
-    rows and `length` empty columns: the G samples of each row read the prefix, not copies of it."""
+    """A fresh cache of B·num_samples rows and `length` empty columns whose shared *prefix* is `cache`.
+
+    The cache's own columns join its prefix blocks (outermost first), so prefixes nest: rows
+    r·F … r·F + F - 1 of the new cache read row r of `cache` in place, not copies of it. With
+    `length` 0 the new cache only reads (its tokens are not written anywhere).
+    """
     n = cache["valid"].shape[0] * num_samples
     own = {
-        "k": tuple(jnp.zeros((n,) + k.shape[1:2] + (length,) + k.shape[3:], k.dtype) for k in cache["k"]),
-        "v": tuple(jnp.zeros((n,) + v.shape[1:2] + (length,) + v.shape[3:], v.dtype) for v in cache["v"]),
+        "k": tuple(jnp.zeros((n, k.shape[1], length, k.shape[3]), k.dtype) for k in cache["k"]),
+        "v": tuple(jnp.zeros((n, v.shape[1], length, v.shape[3]), v.dtype) for v in cache["v"]),
         "valid": jnp.zeros((n, length), bool),
         "end": jnp.zeros((), jnp.int32),
     }
-    return own | {"prefix": {"k": cache["k"], "v": cache["v"], "valid": cache["valid"]}}
+    block = {"k": cache["k"], "v": cache["v"], "valid": cache["valid"]}
+    return own | {"prefix": (*cache.get("prefix", ()), block)}
+
+
+def _cache_blocks(cache: dict, layer: int) -> list:
+    """The (k, v, mask) attention blocks of one layer: the cache's own columns, then its prefixes."""
+    blocks = [cache] + list(cache.get("prefix", ()))
+    return [(b["k"][layer], b["v"][layer], b["valid"][:, None, :]) for b in blocks]
 
 
 class Decoder(nnx.Module):
@@ -205,7 +216,7 @@ class Decoder(nnx.Module):
         """One transformer layer. x [N, T, D]; p: this layer's params; self_mask [N, T, T] bool.
 
         The T new tokens attend causally to each other and to every valid column of `cached_blocks`
-        (this layer's KV cache and, optionally, a shared prefix; see `attend`). The cache is only read
+        (this layer's KV cache and its shared prefixes; see `attend`). The cache is only read
         here: the caller writes the returned new keys/values into it.
         Returns (x, (k, v)) with the new k, v [N, K, T, Dh].
         """
@@ -263,19 +274,42 @@ class Decoder(nnx.Module):
         x, kv = jax.lax.scan(lambda x, p: layer_fn(x, p, positions, self_mask, []), x, layer_params)
         return self.final_hidden(x), kv
 
-    def prefill(self, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array) -> tuple[jax.Array, dict]:
-        """Hidden states [N, T, D] and a cache holding exactly these T columns (scanned, like training).
+    def _unrolled(self, tokens, positions, input_mask, cache: dict):
+        """Forward over `cache`'s blocks, layers unrolled. Returns (hidden [N, T, D], new k, v per layer
+        [N, K, T, Dh])."""
+        x = self.embed_tokens(tokens)
+        t = tokens.shape[1]
+        self_mask = jnp.tril(jnp.ones((t, t), bool))[None] & input_mask.astype(bool)[:, None, :]  # [N, T, T]
+        layer_fn, layer_params = self._layer_fn_and_params()
+        ks, vs = [], []
+        for i in range(self.config.num_layers):
+            p = {name: value[i] for name, value in layer_params.items()}
+            x, (k, v) = layer_fn(x, p, positions, self_mask, _cache_blocks(cache, i))
+            ks.append(k)
+            vs.append(v)
+        return self.final_hidden(x), ks, vs
 
-        Use it as the shared prefix of a decode cache (`fan_out_prefix`), or as the cache itself.
+    def prefill(self, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array, context: dict | None = None):
+        """Hidden states [N, T, D] and a cache holding exactly these T columns.
+
+        Without `context` the layers are scanned, as in training. With one (a cache whose rows divide N,
+        e.g. a prompt shared by all rows) the tokens attend to it too, and the returned cache keeps it as
+        its prefix. Use the result as the prefix of a decode cache (`fan_out_prefix`).
         """
-        hidden, (k, v) = self._scan_layers(tokens, positions, input_mask)
+        if context is None:
+            hidden, (k, v) = self._scan_layers(tokens, positions, input_mask)
+            k, v = [k[i] for i in range(self.config.num_layers)], [v[i] for i in range(self.config.num_layers)]
+            prefix = ()
+        else:
+            hidden, k, v = self._unrolled(tokens, positions, input_mask, context)
+            prefix = fan_out_prefix(context, 1, 0)["prefix"]
         cache = {
-            "k": tuple(k[i] for i in range(self.config.num_layers)),
-            "v": tuple(v[i] for i in range(self.config.num_layers)),
+            "k": tuple(k),
+            "v": tuple(v),
             "valid": input_mask.astype(bool),
             "end": jnp.asarray(tokens.shape[1], jnp.int32),
         }
-        return hidden, cache
+        return hidden, cache | ({"prefix": prefix} if prefix else {})
 
     def hidden_states(
         self,
@@ -287,38 +321,38 @@ class Decoder(nnx.Module):
         """Final-normed hidden states [N, T, D] and the updated cache (None without one).
 
         tokens, positions, input_mask: [N, T]. With a cache the T tokens attend to every valid cached
-        column (and the cache's shared prefix, if it has one) and are then written at columns
-        [end, end + T); a cache with no columns of its own (a prefix only) is left as it is.
+        column (its own and its prefixes') and are then written at columns [end, end + T); a cache
+        with no columns of its own (prefixes only) is returned as it is.
         """
         if cache is None:
             return self._scan_layers(tokens, positions, input_mask)[0], None
-        x = self.embed_tokens(tokens)
-        t = tokens.shape[1]
-        valid_new = input_mask.astype(bool)
-        self_mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid_new[:, None, :]  # [N, T, T]
-        layer_fn, layer_params = self._layer_fn_and_params()
+        hidden, ks, vs = self._unrolled(tokens, positions, input_mask, cache)
+        if cache["valid"].shape[1] == 0:
+            return hidden, cache
         end = cache["end"]
-        prefix = cache.get("prefix")
-        writes = cache["valid"].shape[1] > 0
-        ks, vs = [], []
-        for i in range(self.config.num_layers):
-            p = {name: value[i] for name, value in layer_params.items()}
-            blocks = [(cache["k"][i], cache["v"][i], cache["valid"][:, None, :])]
-            if prefix is not None:
-                blocks.append((prefix["k"][i], prefix["v"][i], prefix["valid"][:, None, :]))
-            x, (k, v) = layer_fn(x, p, positions, self_mask, blocks)  # k [N, K, T, Dh]
-            if writes:
-                ks.append(jax.lax.dynamic_update_slice(cache["k"][i], k.astype(cache["k"][i].dtype), (0, 0, end, 0)))
-                vs.append(jax.lax.dynamic_update_slice(cache["v"][i], v.astype(cache["v"][i].dtype), (0, 0, end, 0)))
-        if not writes:
-            return self.final_hidden(x), cache
-        new_cache = cache | {
-            "k": tuple(ks),
-            "v": tuple(vs),
-            "valid": jax.lax.dynamic_update_slice(cache["valid"], valid_new, (0, end)),
-            "end": end + t,
+        write = lambda buffer, new: jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, 0, end, 0))
+        return hidden, cache | {
+            "k": tuple(map(write, cache["k"], ks)),
+            "v": tuple(map(write, cache["v"], vs)),
+            "valid": jax.lax.dynamic_update_slice(cache["valid"], input_mask.astype(bool), (0, end)),
+            "end": end + tokens.shape[1],
         }
-        return self.final_hidden(x), new_cache
+
+    def constrain_cache(self, cache: dict) -> dict:
+        """Rows over the batch axes and KV heads over `tensor`, for every block of a cache."""
+        kv_axes = ("activation_batch", "activation_kv_heads", None, None)
+
+        def block(b):
+            return b | {
+                "k": tuple(sharding.constrain(k, kv_axes, self.rules) for k in b["k"]),
+                "v": tuple(sharding.constrain(v, kv_axes, self.rules) for v in b["v"]),
+                "valid": sharding.constrain(b["valid"], ("activation_batch", None), self.rules),
+            }
+
+        out = block(cache)
+        if "prefix" in cache:
+            out["prefix"] = tuple(block(b) for b in cache["prefix"])
+        return out
 
     def __call__(self, tokens, positions, input_mask, cache=None):
         """Logits [B, T, V] float32 and the updated cache (None without one)."""

@@ -7,10 +7,12 @@ from kardia_jax.rewards.judge import RubricJudge, load_judge
 
 __all__ = [
     "DEFAULT_WEIGHTS",
+    "RubricJudge",
     "RUBRIC_CRITERIA",
     "build_label_table",
     "emotion_reward",
     "format_reward",
+    "load_judge",
     "rubric_reward",
     "total_reward",
     "whitespace_token_ids",

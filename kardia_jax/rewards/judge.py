@@ -7,24 +7,21 @@ the five tokens "1".."5" (softmax over those five logits), mapped to [0, 1] by (
 
     scores [N, 5] float32 in [0, 1], columns in RUBRIC_CRITERIA order (rewards/combine.py)
 
-Prefix sharing. Everything up to the judge's reply is the same for the five criteria. It is prefilled
-once per completion into a KV cache [N, K, L, Dh] per layer; `fan_out_prefix(cache, 5, S)` makes it
-the shared prefix of N·5 suffix rows (row i·5 + c = completion i, criterion c), which read it in place,
-and only the last suffix position's hidden state is turned into the five score logits (D x 5, not the
-whole vocabulary).
-
-One prompt's context is shared by its G completions by repetition, not by a second fan-out: the decoder
-has one level of shared prefix, which the five suffixes use, and one contiguous prompt per completion
-lets both input paths end in the same scorer. The price: the G copies of a context, and the rubric
-text common to all prompts, are prefilled once per completion. (Sharing them would need nested
-prefixes in the decoder: rubric for all rows, context per prompt, response per completion, suffix per
-criterion.)
+Prefix sharing, two levels. The rubric instructions (HEAD) are the same for every prompt: they are
+prefilled once, as one row, and every completion's prompt reads that cache. Everything after HEAD up
+to the judge's reply is the same for the five criteria: it is prefilled once per completion, and
+`fan_out_prefix(cache, 5, 0)` makes HEAD + that cache the nested prefix of N·5 suffix rows (row i·5 + c
+= completion i, criterion c), which read it in place. Only the last suffix position's hidden state is
+turned into the five score logits (D x 5, not the whole vocabulary). One prompt's context is repeated
+for its G completions (one contiguous body per completion keeps both input paths in one scorer).
 
 Memory: the prefill attends N rows of L tokens at once; `rows_per_chunk` bounds it (a TPU-sized judge
 with L in the thousands needs it).
 
-Two input paths build the same left-padded judge prompts [N, L], L = len(HEAD) + C + len(MID) + R +
-len(TAIL), C = max_context_tokens, R = max_response_tokens:
+Two input paths build the same judge prompts [N, L], L = len(HEAD) + C + len(MID) + R + len(TAIL),
+C = max_context_tokens, R = max_response_tokens: HEAD in the first columns of every row, then the rest
+(context, MID, response, TAIL) left-padded; positions come from the mask, so the padding in between
+changes nothing:
 
   in-graph (`score_ids`, shared vocabulary): inside the jitted step, from the policy's completion ids.
     The constant pieces are id arrays; the contexts [B, C] come from `prepare_contexts` (host, once per
@@ -68,7 +65,7 @@ from flax import nnx
 from kardia_jax import sharding
 from kardia_jax.data.schema import TurnSample
 from kardia_jax.data.spans import MARKER_TOKENS, SPAN_MARKERS
-from kardia_jax.models.decoder import Decoder, fan_out_prefix, init_cache, positions_from_mask
+from kardia_jax.models.decoder import Decoder, fan_out_prefix, positions_from_mask
 from kardia_jax.rewards import rubric
 from kardia_jax.rewards.combine import RUBRIC_CRITERIA
 
@@ -112,19 +109,6 @@ def same_vocabulary(policy_tokenizer, judge_tokenizer) -> bool:
         return False
     markers = set(MARKER_TOKENS)
     return all(judge.get(token) == i for token, i in policy.items() if token not in markers)
-
-
-def _constrain_cache(cache: dict, rules) -> dict:
-    """Rows over the batch axes and KV heads over tensor, for every cache block and its prefix."""
-    kv_axes = ("activation_batch", "activation_kv_heads", None, None)
-    out = cache | {
-        "k": tuple(sharding.constrain(k, kv_axes, rules) for k in cache["k"]),
-        "v": tuple(sharding.constrain(v, kv_axes, rules) for v in cache["v"]),
-        "valid": sharding.constrain(cache["valid"], ("activation_batch", None), rules),
-    }
-    if "prefix" in cache:
-        out["prefix"] = _constrain_cache(cache["prefix"], rules)
-    return out
 
 
 class RubricJudge:
@@ -243,7 +227,7 @@ class RubricJudge:
         return ids[:self.max_response_tokens]
 
     def assemble_texts(self, completions: Sequence[str], samples: Sequence[TurnSample]) -> tuple[np.ndarray, np.ndarray]:
-        """Host path: the judge prompts of N completion texts, left-padded: tokens, mask [N, L] int32.
+        """Host path: the judge prompts of N completion texts (layout above): tokens, mask [N, L] int32.
 
         `samples` holds one sample per completion, or B samples for N = B·G completions (completion
         i belongs to sample i // G, the sampler's order).
@@ -253,10 +237,12 @@ class RubricJudge:
         length = self.prompt_length
         tokens = np.full((len(completions), length), self.tokenizer.pad_id, np.int32)
         mask = np.zeros((len(completions), length), np.int32)
+        head = len(self.head_ids)
+        tokens[:, :head], mask[:, :head] = self.head_ids, 1
         for row, (text, sample) in enumerate(zip(completions, rows)):
-            ids = [*self.head_ids, *contexts[id(sample)], *self.mid_ids, *self.response_ids(text), *self.tail_ids]
-            tokens[row, length - len(ids):] = ids
-            mask[row, length - len(ids):] = 1
+            body = [*contexts[id(sample)], *self.mid_ids, *self.response_ids(text), *self.tail_ids]
+            tokens[row, length - len(body):] = body
+            mask[row, length - len(body):] = 1
         return tokens, mask
 
     def score_texts(self, params, completions: Sequence[str], samples: Sequence[TurnSample]) -> np.ndarray:
@@ -314,7 +300,7 @@ class RubricJudge:
 
     def assemble_ids(self, completion_ids: jax.Array, completion_mask: jax.Array, contexts,
                      context_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """The judge prompts [N, L] (tokens, mask int32), left-padded, of N = B·G completions.
+        """The judge prompts [N, L] (tokens, mask int32; layout above) of N = B·G completions.
 
         completion_ids, completion_mask: [N, T] policy ids (mask 1 up to and including the stop token).
         contexts: `prepare_contexts`'s dict (on device), or context_ids [B, C] with `context_mask`.
@@ -340,35 +326,36 @@ class RubricJudge:
         def constant(ids):
             return jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (n, len(ids))), jnp.ones((n, len(ids)), bool)
 
-        pieces = [constant(self.head_ids), (context_ids, context_mask), constant(self.mid_ids),
-                  (response, keep), constant(self.tail_ids)]
-        raw = jnp.concatenate([ids.astype(jnp.int32) for ids, _ in pieces], axis=1)  # [N, W], W >= L
+        pieces = [(context_ids, context_mask), constant(self.mid_ids), (response, keep), constant(self.tail_ids)]
+        raw = jnp.concatenate([ids.astype(jnp.int32) for ids, _ in pieces], axis=1)  # [N, W], W >= L - len(HEAD)
         valid = jnp.concatenate([m for _, m in pieces], axis=1)
-        length = self.prompt_length
-        count = valid.sum(axis=1, keepdims=True)  # [N, 1] <= L
-        target = jnp.where(valid, length - count + jnp.cumsum(valid, axis=1) - 1, length)  # L: dropped
+        length = self.prompt_length - len(self.head_ids)  # the body, left-padded after HEAD
+        count = valid.sum(axis=1, keepdims=True)  # [N, 1]
+        target = jnp.where(valid, length - count + jnp.cumsum(valid, axis=1) - 1, length)  # length: dropped
         rows = jnp.arange(n)[:, None]
-        tokens = jnp.full((n, length), self.tokenizer.pad_id, jnp.int32).at[rows, target].set(raw, mode="drop")
-        mask = (jnp.arange(length)[None] >= length - count).astype(jnp.int32)
-        return tokens, mask
+        body = jnp.full((n, length), self.tokenizer.pad_id, jnp.int32).at[rows, target].set(raw, mode="drop")
+        body_mask = (jnp.arange(length)[None] >= length - count).astype(jnp.int32)
+        head, head_mask = constant(self.head_ids)
+        return jnp.concatenate([head, body], axis=1), jnp.concatenate([head_mask.astype(jnp.int32), body_mask], axis=1)
 
     # -- in-graph: the scorer -------------------------------------------------------------------------
 
     def score_logits(self, params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         """[N, 5, 5] float32: per completion and criterion, the judge's logits of "1".."5" after the
-        criterion's suffix, for left-padded prompts tokens, mask [N, L] (prefix shared by the 5 suffixes)."""
+        criterion's suffix, for assembled prompts tokens, mask [N, L] (HEAD first, then the body)."""
         model = nnx.merge(self.graphdef, params)
-        rules = model.rules
-        n, length = tokens.shape
-        # The barrier keeps XLA from constant-folding attention over the empty cache (minutes at L ~ 1k).
-        cache = _constrain_cache(jax.lax.optimization_barrier(init_cache(model.config, n, length)), rules)
-        _, cache = model.hidden_states(tokens, positions_from_mask(mask), mask, cache)
+        n = tokens.shape[0]
+        h = len(self.head_ids)
+        head = jnp.asarray(self.head_ids)[None]  # [1, h]: the same rubric for every row, prefilled once
+        _, head_cache = model.prefill(head, jnp.arange(h)[None], jnp.ones_like(head))
+        body, body_mask = tokens[:, h:], mask[:, h:]
+        _, cache = model.prefill(body, h + positions_from_mask(body_mask), body_mask, context=head_cache)
 
-        # Fan out: the prompt's cache is the shared prefix of its five criterion rows (i·5 + c).
+        # Fan out: HEAD + the body are the nested prefix of each completion's five criterion rows (i·5 + c).
         suffix_ids = jnp.tile(jnp.asarray(self.suffix_ids), (n, 1))  # [N·5, S]
         suffix_mask = jnp.tile(jnp.asarray(self.suffix_mask), (n, 1))
-        cache = _constrain_cache(fan_out_prefix(cache, NUM_CRITERIA, suffix_ids.shape[1]), rules)
-        start = jnp.repeat(mask.sum(axis=1), NUM_CRITERIA)[:, None]  # [N·5, 1] the prompt's length
+        cache = model.constrain_cache(fan_out_prefix(cache, NUM_CRITERIA, 0))
+        start = jnp.repeat(h + body_mask.sum(axis=1), NUM_CRITERIA)[:, None]  # [N·5, 1] the prompt's length
         hidden, _ = model.hidden_states(suffix_ids, start + positions_from_mask(suffix_mask), suffix_mask, cache)
         last = hidden[:, -1]  # [N·5, D]; suffixes are left-padded, so the last column is the last token
         unembed = model.unembed_matrix()[:, self.score_ids_array].astype(last.dtype)  # [D, 5]
