@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.num_samples = 8  # G
     c.grpo.num_epochs = 2
     c.grpo.num_iterations = 1  # mu: policy updates per batch of rollouts
+    # Old logprobs come from the sampler (same numerics as the trainer's forward in float32); True
+    # recomputes them with a teacher-forced forward (worth it when sampling runs in lower precision).
+    c.grpo.recompute_old_logprobs = False
     c.grpo.num_minibatches = 1  # gradient accumulation inside one update
     c.grpo.max_new_tokens = 256
     c.grpo.temperature = 1.0
