@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
     # A TPU topology (e.g. "v5e:4x4") the config is meant for; `scripts/aot_compile.py` compiles
     # against it on a CPU machine. Empty for configs that run where they are.
     c.topology = ""
+    # Multi-host TPU slices: join jax.distributed before anything else (every host runs the same command).
+    c.distributed = False
 
     # What to load. Exactly one of preset (random init) / hf_path (HF checkpoint dir, local or gs://).
     c.model = ml_collections.ConfigDict()
@@ -123,6 +125,7 @@ def paper_tpu_config(*, policy: str, topology: str, workdir: str, judge: str = "
     c = base_config()
     c.workdir = workdir
     c.topology = topology
+    c.distributed = True
     c.model.hf_path = policy
     c.model.dtype = "bfloat16"
     c.model.remat = "full"

@@ -138,3 +138,14 @@ def state_shardings(state, rules: Rules, mesh: Mesh):
         return named_sharding(axes, var.get_value().shape, rules, mesh)
 
     return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def initialize_distributed(enabled: bool) -> None:
+    """Joins JAX's multi-controller runtime (one process per TPU VM host) when `enabled`.
+
+    On Cloud TPU the coordinator, process count and index are discovered automatically; elsewhere
+    set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID. Must run before any other JAX
+    call. Every host then runs the same program; `jax.devices()` spans the whole slice.
+    """
+    if enabled:
+        jax.distributed.initialize()

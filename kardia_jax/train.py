@@ -371,6 +371,7 @@ def format_table(before: dict[str, float] | None, after: dict[str, float]) -> st
 
 def main(argv):
     del argv
+    sharding.initialize_distributed(_CONFIG.value.distributed)
     result = run(_CONFIG.value)
     if result["after"] is not None:
         print(format_table(result["before"], result["after"]))
