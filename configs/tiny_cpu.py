@@ -24,6 +24,8 @@ def get_config():
     c.sft.num_epochs = 40
     c.sft.subset = "all"
     c.sft.save_every = 50
+    c.sft.max_to_keep = 3
+    c.sft.max_steps = 0  # 0: num_epochs over the subset
     c.sft.log_every = 10
     c.sft.eval_max_new_tokens = 96
     c.sft.eval_batch_size = 64

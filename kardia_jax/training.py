@@ -1,0 +1,277 @@
+"""What the SFT and GRPO trainers share: loading the policy onto the mesh, the optimizer, putting host
+batches on the mesh, resuming from a checkpoint, and saving the result for the next stage.
+
+    mesh = sharding.mesh_from_config(config.mesh)
+    with jax.set_mesh(mesh):
+        model, tokenizer = load_policy(config, mesh)           # sharded Decoder + its tokenizer
+        graphdef, params = nnx.split(model)
+        optimizer = make_optimizer(lr, warmup_steps, total_steps, weight_decay, grad_clip)
+        opt_state = jax.jit(optimizer.init)(params)
+        batch = shard_batch(host_batch, mesh)                  # [B, ...] numpy -> batch over (data, fsdp)
+
+Gradient accumulation is the trainer's job, not the optimizer's: each trainer runs its microbatches
+in a `lax.scan` inside its jitted step and divides the summed gradient by a normalizer of the *whole*
+global batch (e.g. its masked-token count), so k microbatches give exactly the one-big-batch update.
+`optax.MultiSteps` would average per-microbatch means instead (wrong when microbatches hold different
+numbers of tokens) and costs a jitted call per microbatch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kardia_jax import checkpoints, sharding
+from kardia_jax.models import Decoder, ModelConfig, from_pretrained, preset, resize_vocab
+from kardia_jax.models.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, tokenizer_path
+
+BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension of every batch is split over
+VOCAB_MULTIPLE = 64  # a preset grown to fit a tokenizer is padded to a multiple of this
+
+
+# -- the policy ----------------------------------------------------------------------------------
+
+
+def model_overrides(model_config: ml_collections.ConfigDict) -> dict[str, str]:
+    """The ModelConfig fields a config's `model.*` section sets on top of a preset or checkpoint."""
+    return {"param_dtype": model_config.param_dtype, "dtype": model_config.dtype, "remat": model_config.remat}
+
+
+def init_model(model_config: ModelConfig, mesh: Mesh, rules: sharding.Rules, seed: int = 0) -> Decoder:
+    """A randomly initialized Decoder whose parameters are created already sharded over `mesh`.
+
+    The init function is traced abstractly first (`nnx.eval_shape`) to read each parameter's logical
+    axes, then jitted with those shardings as `out_shardings`: every device computes only its shard,
+    and no device ever holds the whole model.
+    """
+    rules = tuple(rules)
+
+    def create() -> Decoder:
+        return Decoder(model_config, rngs=nnx.Rngs(seed), rules=rules)
+
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
+    shardings = sharding.state_shardings(abstract_state, rules, mesh)
+    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def load_policy(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Decoder, Tokenizer]:
+    """The policy named by `config.model` (HF checkpoint or random preset) sharded over `mesh` with
+    `config.rules`, and the tokenizer of `config.tokenizer.path` (empty: the shipped one).
+
+    If the tokenizer has ids the model's embedding lacks, the embedding grows to fit: for a checkpoint
+    only when the extra ids are the span markers the tokenizer added (their rows start at the mean
+    embedding); a tokenizer whose own vocabulary is larger than the checkpoint's belongs to another
+    model and is an error.
+    """
+    tokenizer = load_tokenizer(config.tokenizer.path or tokenizer_path())
+    rules = sharding.rules_from_config(config.rules)
+    overrides = model_overrides(config.model)
+    hf_path, preset_name = config.model.hf_path, config.model.preset
+    if bool(hf_path) == bool(preset_name):
+        raise ValueError(
+            f"config.model: set exactly one of model.preset (random init; one of the presets in "
+            f"kardia_jax/models/config.py) and model.hf_path (a Hugging Face checkpoint directory); got "
+            f"preset={preset_name!r}, hf_path={hf_path!r}."
+        )
+
+    if preset_name:
+        model_config = preset(preset_name, **overrides)
+        if tokenizer.vocab_size > model_config.vocab_size:
+            grown = _round_up(tokenizer.vocab_size, VOCAB_MULTIPLE)
+            logging.warning("Preset %r has vocab %d < the tokenizer's %d ids: initializing it with vocab %d.",
+                            preset_name, model_config.vocab_size, tokenizer.vocab_size, grown)
+            model_config = model_config.replace(vocab_size=grown)
+        model = init_model(model_config, mesh, rules, seed=config.seed)
+        logging.info("Policy: preset %r, %.2fM parameters, random init (seed %d).", preset_name,
+                     model_config.num_params() / 1e6, config.seed)
+        return model, tokenizer
+
+    model = from_pretrained(hf_path, mesh=mesh, rules=rules, **overrides)
+    base_vocab = tokenizer.vocab_size - tokenizer.num_added_tokens  # ids the tokenizer came with
+    if base_vocab > model.config.vocab_size:
+        raise ValueError(
+            f"{hf_path}: the model's vocabulary has {model.config.vocab_size} ids but the tokenizer at "
+            f"{config.tokenizer.path or tokenizer_path()!r} already has {base_vocab} before adding the span "
+            "markers, so it is not this model's tokenizer. Set tokenizer.path to the checkpoint's own "
+            "tokenizer (often the same directory as model.hf_path)."
+        )
+    if tokenizer.num_added_tokens:
+        added = list(range(base_vocab, tokenizer.vocab_size))
+        new_size = max(model.config.vocab_size, tokenizer.vocab_size)
+        logging.info("The tokenizer added %d span markers (ids %d..%d): embedding rows set to the mean "
+                     "embedding, vocab %d -> %d.", len(added), added[0], added[-1], model.config.vocab_size,
+                     new_size)
+        resize_vocab(model, new_size, new_token_ids=added)
+    logging.info("Policy: %s, %.2fM parameters.", hf_path, model.config.num_params() / 1e6)
+    return model, tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str) -> None:
+    """Writes the tokenizer's files (span markers included) into the directory `path`, so that
+    `load_tokenizer(path)` and `transformers.AutoTokenizer.from_pretrained(path)` read it back."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(path, exist_ok=True)
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.hf.save_pretrained(path)
+    elif isinstance(tokenizer, SentencePieceTokenizer):
+        with open(os.path.join(path, "tokenizer.model"), "wb") as f:
+            f.write(tokenizer.sp.serialized_model_proto())
+    else:
+        raise TypeError(f"save_tokenizer: don't know how to save a {type(tokenizer).__name__}.")
+
+
+# -- the optimizer -------------------------------------------------------------------------------
+
+
+def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to `learning_rate` over `warmup_steps` updates, then cosine decay to 0 at
+    `total_steps`. Evaluated at the number of updates done before the current one."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0,
+    )
+
+
+def learning_rate_at(learning_rate: float, warmup_steps: int, total_steps: int, step: int) -> float:
+    """The learning rate that update number `step` (0-based) uses."""
+    return float(make_schedule(learning_rate, warmup_steps, total_steps)(step))
+
+
+def _decays(path, leaf) -> bool:
+    """Weight decay applies to matrices (embeddings, projections), not to norm scales and biases."""
+    del leaf
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return not any(n.endswith("norm") or n.endswith("bias") for n in names)
+
+
+def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
+                   grad_clip: float) -> optax.GradientTransformation:
+    """AdamW on the warm-up + cosine schedule, after clipping the gradient's global norm to
+    `grad_clip` (0: no clipping). Works on any parameter pytree (pure dicts or nnx.State)."""
+    schedule = make_schedule(learning_rate, warmup_steps, total_steps)
+    mask = lambda params: jax.tree_util.tree_map_with_path(_decays, params)
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=mask)
+    if grad_clip and grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
+    return adamw
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) axis over ('data', 'fsdp'), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """Puts this process's rows of a batch on the mesh: every array [B_local, ...] becomes a global
+    [B_local * process_count, ...] jax.Array split over ('data', 'fsdp') on its leading axis (nested
+    dicts are walked; 0-d values are replicated). The global batch must divide over data x fsdp."""
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def put(path, x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), x)
+        global_rows = x.shape[0] * jax.process_count()
+        if global_rows % devices:
+            raise ValueError(
+                f"shard_batch: {jax.tree_util.keystr(path)} has a global batch of {global_rows} rows, not "
+                f"divisible by the {devices} devices of the mesh's data x fsdp axes; make the batch size a "
+                "multiple of data x fsdp."
+            )
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x,
+                                                      (global_rows, *x.shape[1:]))
+
+    return jax.tree_util.tree_map_with_path(put, dict(batch))
+
+
+def replicate(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The same host array (identical on every process) as a replicated jax.Array on the mesh."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), np.asarray(x))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-host sharded) array, on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+# -- checkpoints and config ----------------------------------------------------------------------
+
+
+def restore_or_init(ckpt: checkpoints.Checkpointer, params, opt_state, rng: jax.Array, iterator=None):
+    """Resumes from the newest checkpoint in `ckpt`, if there is one.
+
+    `params`/`opt_state` are the freshly initialized, sharded trees: they are the restore targets
+    (structure, shapes, shardings) and what is returned when there is nothing to resume. The data
+    iterator, if given, is moved to the saved position in place.
+
+    Returns (step, params, opt_state, rng): step 0 and the inputs for a fresh run.
+    """
+    restored = ckpt.restore_latest(params, opt_state, restore_data_iterator=iterator is not None)
+    if restored is None:
+        return 0, params, opt_state, rng
+    if iterator is not None:
+        if restored.data_iterator_state is None:
+            raise ValueError(f"{ckpt.directory}/{restored.step}: the checkpoint has no data-iterator state, so "
+                             "the run cannot continue with the batch that comes next.")
+        iterator.set_state(restored.data_iterator_state)
+    logging.info("Resumed from %s at step %d.", ckpt.directory, restored.step)
+    return restored.step, restored.params, restored.opt_state, restored.rng if restored.rng is not None else rng
+
+
+def data_source(data_config: ml_collections.ConfigDict) -> str:
+    """Where `config.data` says the dialogues are; empty means the sample shipped with the package."""
+    from kardia_jax.data.sources import sample_path  # pylint: disable=import-outside-toplevel
+
+    return data_config.source or sample_path()
+
+
+def config_snapshot(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON data (tuples become lists), for checkpoint metadata and config.json."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def write_json(path: str, data: Any) -> None:
+    """Writes `data` as JSON to `path` (process 0 only), atomically: a reader never sees half a file."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any | None:
+    """The JSON document at `path`, or None if there is none."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def num_params(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
