@@ -44,12 +44,6 @@ from kardia_jax.sampling import SamplingConfig, make_sampler
 # (samples, completion texts) -> {metric name: one score per sample}; the means are reported.
 Scorer = Callable[[Sequence[TurnSample], Sequence[str]], Mapping[str, Sequence[float]]]
 
-# The sampler's prefill attends to its freshly zeroed (all-invalid) KV cache; XLA's constant folding
-# then evaluates [B, K, G, P, P] reductions of constants at compile time, which takes minutes for
-# B = 64, P = 416 on CPU. Until the sampler avoids that, its evaluation programs are compiled without
-# the constant-folding pass (4 s instead of ~6 min; run time unchanged).
-SAMPLER_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "constant_folding"}
-
 # Metric name -> how it is printed in a before -> after comparison.
 HEADLINE_METRICS = {"format_valid_rate": "format-valid rate", "emotion_accuracy": "emotion accuracy"}
 
@@ -125,19 +119,12 @@ def generate_completions(model: Decoder, tokenizer: Tokenizer, samples: Sequence
         pad_id=tokenizer.pad_id))
     place = (lambda x: training.replicate(x, mesh)) if mesh is not None else (lambda x: x)
     key = jax.random.key(0)  # unused by greedy decoding
-    compiled = {}  # prompt shape -> executable
-
-    def generate(tokens, mask):
-        if tokens.shape not in compiled:
-            lowered = sampler.lower(params, tokens, mask, key)
-            compiled[tokens.shape] = lowered.compile(compiler_options=SAMPLER_COMPILER_OPTIONS)
-        return compiled[tokens.shape](params, tokens, mask, key)
 
     indices, texts, lengths, truncated = [], [], [], []
     for batch in pipeline:
         n = len(batch["sample_index"])
         fill = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)]) if n < batch_size else x
-        out = generate(place(fill(batch["prompt_tokens"])), place(fill(batch["prompt_mask"])))
+        out = sampler(params, place(fill(batch["prompt_tokens"])), place(fill(batch["prompt_mask"])), key)
         tokens, length, trunc = (training.to_host(a)[:n] for a in (out.tokens, out.lengths, out.truncated))
         for row in range(n):
             indices.append(int(batch["sample_index"][row]))
@@ -213,10 +200,11 @@ def load_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, mesh) ->
     """The policy stored at `checkpoint`: a Hugging Face directory (config.json + safetensors, with its
     tokenizer files if any), or an Orbax checkpoint written by a trainer (its root: the newest step; or
     one step's directory). An Orbax checkpoint is read into the model `config.model` describes."""
-    if os.path.exists(os.path.join(checkpoint, "config.json")):
+    files = os.listdir(checkpoint) if os.path.isdir(checkpoint) else []
+    if "config.json" in files and any(f.endswith(".safetensors") for f in files):
         config = ml_collections.ConfigDict(config.to_dict())
         config.model.hf_path, config.model.preset = checkpoint, ""
-        if not config.tokenizer.path and any(f.startswith("tokenizer") for f in os.listdir(checkpoint)):
+        if not config.tokenizer.path and any(f.startswith("tokenizer") for f in files):
             config.tokenizer.path = checkpoint
         return training.load_policy(config, mesh)
 

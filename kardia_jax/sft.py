@@ -12,6 +12,7 @@ state, runs `sft.grad_accum_steps` microbatches in a `lax.scan` and applies one 
 Everything lives under `<workdir>/sft/`:
     <step>/           Orbax checkpoints (params, optimizer, data-iterator position, RNG, step, config)
                       every `sft.save_every` steps, at the end, and on SIGTERM
+    run_config.json   the config of the run
     metrics.jsonl     loss, grad norm, learning rate, tokens/s (also TensorBoard in tensorboard/)
     eval_before.json  greedy test-split metrics of the initial parameters (step 0)
     hf/               the final model in Hugging Face format, with the tokenizer files
@@ -219,7 +220,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
                                         max_to_keep=_option(sft, "max_to_keep", 3))
         start, params, opt_state, rng = training.restore_or_init(
             ckpt, params, opt_state, jax.random.key(config.seed), iterator)
-        training.write_json(os.path.join(workdir, "config.json"), snapshot)
+        training.write_json(os.path.join(workdir, "run_config.json"), snapshot)
 
         results_path = os.path.join(workdir, "results.json")
         stored = training.read_json(results_path)
