@@ -27,21 +27,20 @@ def get_config():
     c.sft.global_batch_size = 8
     c.sft.num_epochs = 10
     c.sft.save_every = 48
-    c.sft.max_to_keep = 3
-    c.sft.max_steps = 0  # 0: num_epochs over the subset
     c.sft.log_every = 8
     c.sft.eval_max_new_tokens = 96
     c.sft.eval_batch_size = 64
 
-    c.grpo.learning_rate = 3e-4
-    c.grpo.prompts_per_step = 8
+    # GRPO: 12 steps of 4 hard prompts x G = 8 (a few minutes here); the judge reads a 128-token context.
+    c.grpo.learning_rate = 2e-4
+    c.grpo.prompts_per_step = 4
     c.grpo.num_samples = 8
     c.grpo.max_new_tokens = 96
-    c.grpo.num_epochs = 2
-    c.grpo.save_every = 5
-    c.grpo.print_samples_every = 5
+    c.grpo.max_steps = 12
+    c.grpo.save_every = 4
+    c.grpo.print_samples_every = 6
 
     c.judge.from_policy = True
-    c.judge.max_context_tokens = 256
+    c.judge.max_context_tokens = 128
     c.judge.max_response_tokens = 64
     return c

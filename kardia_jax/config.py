@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.grad_accum_steps = 1
     c.sft.num_epochs = 2
     c.sft.save_every = 200
+    c.sft.max_to_keep = 3
+    c.sft.max_steps = 0  # 0: num_epochs over the subset
     c.sft.log_every = 10
     c.sft.eval_max_new_tokens = 256
     c.sft.eval_batch_size = 32

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, logging
+from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -40,7 +40,6 @@ from kardia_jax.models.decoder import Decoder, chunked_logprobs, positions_from_
 from kardia_jax.rewards.judge import RubricJudge, load_judge
 from kardia_jax.sampling import SampleOutput, SamplingConfig, make_sampler
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py", "Config file (get_config()).")
 
 
 # -- the pieces of one step --------------------------------------------------------------------
@@ -371,11 +370,14 @@ def format_table(before: dict[str, float] | None, after: dict[str, float]) -> st
 
 def main(argv):
     del argv
-    sharding.initialize_distributed(_CONFIG.value.distributed)
-    result = run(_CONFIG.value)
+    config = flags.FLAGS.config
+    sharding.initialize_distributed(config.distributed)
+    result = run(config)
     if result["after"] is not None:
         print(format_table(result["before"], result["after"]))
 
 
 if __name__ == "__main__":
+    # Defined here, not at import, so that entry points importing this module keep their own --config.
+    config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py", "Config file (get_config()).")
     app.run(main)

@@ -269,10 +269,6 @@ def test_interrupted_run_resumes_with_the_same_params_and_next_batch(reference_r
     assert resumed["after"] == ref["after"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models/tokenizer.py loads with AutoTokenizer, which (transformers 5) sees the qwen2 config.json next to "
-    "the tokenizer files and rebuilds the shipped BPE as a Qwen2Tokenizer, whose pre-tokenizer splits digits: "
-    "'user_4f55c9' encodes differently. Loading with PreTrainedTokenizerFast.from_pretrained keeps tokenizer.json."))
 def test_saved_tokenizer_encodes_like_the_original(reference_run, tokenizer):
     workdir, _ = reference_run
     saved = load_tokenizer(os.path.join(workdir, "sft", "hf"))

@@ -232,7 +232,14 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Tokenizer path '{path}' is not a directory or a .model file.")
     files = set(os.listdir(path))
-    if files & {"tokenizer.json", "tokenizer_config.json"}:
+    if "tokenizer.json" in files:
+        # The fast tokenizer exactly as tokenizer.json defines it: AutoTokenizer would rebuild it from
+        # the model type of a config.json in the same directory (e.g. as a Qwen2Tokenizer, which
+        # pre-tokenizes digits differently from the shipped tokenizer).
+        from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+
+        return HFTokenizer(PreTrainedTokenizerFast.from_pretrained(path))
+    if "tokenizer_config.json" in files:
         from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
         return HFTokenizer(AutoTokenizer.from_pretrained(path))
