@@ -24,7 +24,6 @@ import os
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
