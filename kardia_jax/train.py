@@ -20,6 +20,7 @@ Checkpoints (params, optimizer, data iterator, RNG, step) go to `<workdir>/grpo`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -54,8 +55,7 @@ def completion_logprobs(model: Decoder, prompt, prompt_mask, completion, complet
     tokens = jnp.concatenate([prompt, completion], axis=1)  # [N, P + T]
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
     hidden, _ = model.hidden_states(tokens, positions_from_mask(mask), mask)
-    out = chunked_logprobs(hidden[:, p - 1 : -1], model.unembed_matrix(), completion, temperature, with_entropy=with_entropy)
-    return out
+    return chunked_logprobs(hidden[:, p - 1 : -1], model.unembed_matrix(), completion, temperature, with_entropy=with_entropy)
 
 
 class Rollout(NamedTuple):
@@ -129,7 +129,9 @@ class Steps:
         self.rewards_of = jax.jit(self._rewards)
         self.update = jax.jit(self._update, donate_argnums=(0, 1))
 
+    @functools.cache
     def greedy_sampler(self, max_new_tokens: int):
+        """One jitted greedy sampler per length, shared by the before and after evaluations."""
         return make_sampler(self.graphdef, dataclasses.replace(self.sampling, num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens))
 
     def _logprobs(self, params, prompt, prompt_mask, completion, completion_mask):
