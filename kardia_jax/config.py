@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
     c.model.remat = "none"
+    c.model.scan_layers = True  # False unrolls the layers of training forwards: faster for a few layers on CPU
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # empty: the tokenizer shipped in kardia_jax/assets/tokenizer
 

@@ -11,6 +11,17 @@ row has emitted a stop token. The step key is `fold_in(key, step)`, so a run is 
 independent of how many rows there are per device. The cache and the output buffers are loop carries,
 updated in place.
 
+Decode is memory-bound: a step reads every cached column. The new tokens' cache is therefore split
+into `decode_segments` blocks, decoded by consecutive while loops; a loop writes only its own block,
+and the blocks of finished segments join the read-only prefix. A step reads the columns filled so far
+rounded up to a block, (1 + 1/s)/2 of T_new on average instead of all T_new, and the loop carry is one
+small block. The price: the decode step is compiled once per segment. The layer weights are sliced out
+of their stacked [L, ...] arrays once, before the loops.
+
+A token is drawn by inverse-CDF sampling with one uniform per row, in two levels (a block of ids, then
+an id inside it), which avoids both the V Gumbel draws of `jax.random.categorical` and a cumulative
+sum over all V ids: both dominate the step of a small model on CPU.
+
 Log-probabilities. `logprobs[r, t]` is log softmax(logits / temperature) at the sampled token: the
 *unfiltered* temperature-scaled distribution, i.e. exactly what the trainer recomputes with
 `Decoder.target_logprobs(..., temperature=...)`. Top-k / top-p only restrict which tokens can be drawn;
@@ -25,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -45,6 +57,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 = off
     stop_ids: tuple[int, ...] = ()
     pad_id: int = 0  # written after a row has stopped
+    decode_segments: int = 4  # while loops over equal spans of the new tokens (see the module doc)
 
 
 class SampleOutput(NamedTuple):
@@ -71,27 +84,46 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits
 
 
-def _draw(key: jax.Array, logits: jax.Array) -> jax.Array:
-    """One token per row from softmax(logits) [N, V] by inverse-CDF sampling: a single uniform per row
-    instead of the V Gumbel draws of `jax.random.categorical` (which dominate a small model's step)."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)  # [N, V]
-    u = jax.random.uniform(key, (logits.shape[0], 1)) * cdf[:, -1:]
-    token = jnp.sum(cdf <= u, axis=-1)  # first index whose cdf exceeds u
-    # Rounding can push u past the last nonzero-probability token; step back to it.
-    last_allowed = logits.shape[-1] - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1)
-    return jnp.minimum(token, last_allowed)
+def _last_positive(x: jax.Array) -> jax.Array:
+    """[N, M] -> [N] index of the last positive entry of each row."""
+    return x.shape[-1] - 1 - jnp.argmax((x > 0)[:, ::-1], axis=-1)
+
+
+def _draw(key: jax.Array, weights: jax.Array) -> jax.Array:
+    """One id per row, drawn with probability proportional to `weights` [N, V] (non-negative, positive
+    row sums), by inverse-CDF sampling with one uniform per row, in two levels: a block of ~sqrt(V)
+    consecutive ids from the cumulative block masses, then an id from the cumulative weights inside it.
+    """
+    n, v = weights.shape
+    size = 128 * max(1, math.ceil(math.sqrt(v) / 128))
+    blocks = -(-v // size)
+    w = jnp.pad(weights, ((0, 0), (0, blocks * size - v))).reshape(n, blocks, size)
+    mass = w.sum(-1)  # [N, blocks]
+    cdf = jnp.cumsum(mass, axis=-1)
+    u = jax.random.uniform(key, (n,)) * cdf[:, -1]
+    # The first block whose cdf exceeds u; rounding can push u past the last block with mass.
+    j = jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), _last_positive(mass))  # [N]
+    inner = jnp.take_along_axis(w, j[:, None, None], axis=1)[:, 0]  # [N, size]
+    below = jnp.take_along_axis(cdf - mass, j[:, None], axis=1)[:, 0]  # mass of the blocks before j
+    u_inner = jnp.maximum(u - below, 0.0)
+    i = jnp.minimum(jnp.sum(jnp.cumsum(inner, axis=-1) <= u_inner[:, None], axis=-1), _last_positive(inner))
+    return j * size + i
 
 
 def _choose(logits: jax.Array, key: jax.Array, config: SamplingConfig):
     """Next token [N] and its logprob under the unfiltered temperature-scaled distribution [N]."""
-    if config.temperature == 0:
-        token = jnp.argmax(logits, axis=-1)
-        scaled = logits
+    greedy = config.temperature == 0
+    scaled = logits if greedy else logits / config.temperature  # [N, V]
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    weights = jnp.exp(scaled - top)  # unnormalized probabilities
+    logz = top[:, 0] + jnp.log(jnp.sum(weights, axis=-1))  # [N]
+    if greedy:
+        token = jnp.argmax(scaled, axis=-1)
     else:
-        scaled = logits / config.temperature
-        token = _draw(key, filter_logits(scaled, config.top_k, config.top_p))
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+        if config.top_k or config.top_p < 1.0:
+            weights = jnp.where(filter_logits(scaled, config.top_k, config.top_p) > -jnp.inf, weights, 0.0)
+        token = _draw(key, weights)
+    logprob = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - logz
     return token.astype(jnp.int32), logprob
 
 
@@ -107,23 +139,20 @@ def sample(model: Decoder, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # [B, V]
 
     # Fan out: the prompt cache becomes the shared prefix of the G samples' own caches.
-    cache = model.constrain_cache(fan_out_prefix(cache, g, t_new))
     logits = jnp.repeat(logits, g, axis=0)  # [B·G, V]
     next_position = jnp.repeat(positions[:, -1] + 1, g)  # [B·G]
     n = b * g
     stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
+    layers = model.layer_params()
 
     class Carry(NamedTuple):
         step: jax.Array
-        cache: dict
+        cache: dict  # this segment's block, with the prompt and earlier segments as prefixes
         logits: jax.Array  # [N, V] logits for the token about to be chosen
         tokens: jax.Array  # [N, T_new]
         mask: jax.Array  # [N, T_new]
         logprobs: jax.Array  # [N, T_new]
         done: jax.Array  # [N] bool, stop token already emitted
-
-    def cond(c: Carry):
-        return (c.step < t_new) & ~jnp.all(c.done)
 
     def body(c: Carry):
         token, logprob = _choose(c.logits, jax.random.fold_in(key, c.step), config)
@@ -134,10 +163,12 @@ def sample(model: Decoder, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
         logprobs = c.logprobs.at[:, c.step].set(jnp.where(live, logprob, 0.0))
         done = c.done | jnp.isin(token, stop_ids)
         # The forward after the last step is wasted work but keeps the loop body uniform.
-        step_logits, cache = model(token[:, None], (next_position + c.step)[:, None], live[:, None].astype(jnp.int32), c.cache)
+        step_logits, cache = model(
+            token[:, None], (next_position + c.step)[:, None], live[:, None].astype(jnp.int32), c.cache, layers
+        )
         return Carry(c.step + 1, cache, step_logits[:, 0], tokens, mask, logprobs, done)
 
-    init = Carry(
+    c = Carry(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
         logits=logits,
@@ -146,8 +177,14 @@ def sample(model: Decoder, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
         logprobs=jnp.zeros((n, t_new), jnp.float32),
         done=jnp.zeros((n,), bool),
     )
-    out = jax.lax.while_loop(cond, body, init)
-    return SampleOutput(out.tokens, out.mask, out.logprobs, out.mask.sum(-1), ~out.done)
+    span = max(1, math.ceil(t_new / max(1, config.decode_segments)))
+    for start in range(0, t_new, span):
+        stop = min(start + span, t_new)
+        # The previous block (or, first, the prompt cache fanned out to G rows) joins the prefixes.
+        cache = fan_out_prefix(c.cache, g if start == 0 else 1, stop - start)
+        c = c._replace(cache=model.constrain_cache(cache))
+        c = jax.lax.while_loop(lambda c, stop=stop: (c.step < stop) & ~jnp.all(c.done), body, c)
+    return SampleOutput(c.tokens, c.mask, c.logprobs, c.mask.sum(-1), ~c.done)
 
 
 def make_sampler(graphdef: nnx.GraphDef, config: SamplingConfig):

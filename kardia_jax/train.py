@@ -49,20 +49,26 @@ from kardia_jax.sampling import SampleOutput, SamplingConfig, make_sampler
 def completion_logprobs(model: Decoder, prompt, prompt_mask, completion, completion_mask, temperature, with_entropy=False):
     """log p(completion[t] | prompt, completion[:t]) [N, T] (and entropy [N, T]) under `model`.
 
-    prompt, prompt_mask: [N, P] left-padded; completion, completion_mask: [N, T].
+    prompt, prompt_mask: [B, P] left-padded; completion, completion_mask: [N, T], rows i·G … i·G + G - 1
+    continuing prompt i (G = N // B). Each prompt goes through the model once, not G times
+    (`Decoder.shared_prefix_hidden`): for GRPO's prompts as long as the completions that is ~(G + 1) / (2G)
+    of the work of a forward over N full sequences.
     """
-    p = prompt.shape[1]
-    tokens = jnp.concatenate([prompt, completion], axis=1)  # [N, P + T]
-    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
-    hidden, _ = model.hidden_states(tokens, positions_from_mask(mask), mask)
-    return chunked_logprobs(hidden[:, p - 1 : -1], model.unembed_matrix(), completion, temperature, with_entropy=with_entropy)
+    g = completion.shape[0] // prompt.shape[0]
+    positions = jnp.repeat(prompt_mask.sum(-1, keepdims=True), g, axis=0) + positions_from_mask(completion_mask)
+    prompt_hidden, hidden = model.shared_prefix_hidden(
+        prompt, positions_from_mask(prompt_mask), prompt_mask, completion, positions, completion_mask
+    )
+    # Position t predicts token t + 1: the prompt's last position predicts the first completion token.
+    predicting = jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], g, axis=0), hidden[:, :-1]], axis=1)  # [N, T, D]
+    return chunked_logprobs(predicting, model.unembed_matrix(), completion, temperature, with_entropy=with_entropy)
 
 
 class Rollout(NamedTuple):
-    """Everything the update needs, on device. N = B·G rows."""
+    """Everything the update needs, on device. B prompts, N = B·G rows; row i·G + g is prompt i's g-th sample."""
 
-    prompt: jax.Array  # [N, P]
-    prompt_mask: jax.Array  # [N, P]
+    prompt: jax.Array  # [B, P]
+    prompt_mask: jax.Array  # [B, P]
     completion: jax.Array  # [N, T]
     completion_mask: jax.Array  # [N, T]
     truncated: jax.Array  # [N]
@@ -95,6 +101,11 @@ class Steps:
 
     def __init__(self, graphdef, params, judge: RubricJudge | None, tokenizer, config: ml_collections.ConfigDict, optimizer):
         g = config.grpo
+        if g.prompts_per_step % g.num_minibatches:
+            raise ValueError(
+                f"grpo.num_minibatches={g.num_minibatches} must divide grpo.prompts_per_step={g.prompts_per_step}: a "
+                "minibatch holds whole groups (a prompt and its G samples)."
+            )
         self.config = config
         self.graphdef = graphdef
         # Gradients are pinned to the parameters' shardings: left to XLA they can come out replicated
@@ -163,7 +174,8 @@ class Steps:
         return advantages, stats
 
     def _update(self, params, opt_state, rollout: Rollout):
-        """One optimizer step over the whole rollout batch, as `num_minibatches` accumulated parts."""
+        """One optimizer step over the whole rollout batch, as `num_minibatches` accumulated parts (each a
+        whole number of prompts with their G samples)."""
         k = self.config.grpo.num_minibatches
         norms = loss_normalizers(rollout.completion_mask, self.loss_config, rollout.truncated)
         parts = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), rollout)
@@ -298,7 +310,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 with timer("sample"):
                     dev = training.shard_batch(batch, mesh)
                     out: SampleOutput = jax.block_until_ready(steps.sample(params, dev["prompt_tokens"], dev["prompt_mask"], key))
-                prompt, prompt_mask = _repeat(dev["prompt_tokens"], g.num_samples), _repeat(dev["prompt_mask"], g.num_samples)
+                prompt, prompt_mask = dev["prompt_tokens"], dev["prompt_mask"]
                 old_logp = out.logprobs
                 if g.recompute_old_logprobs:
                     with timer("old_logprobs"):

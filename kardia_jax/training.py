@@ -42,9 +42,10 @@ VOCAB_MULTIPLE = 64  # a preset grown to fit a tokenizer is padded to a multiple
 # -- the policy ----------------------------------------------------------------------------------
 
 
-def model_overrides(model_config: ml_collections.ConfigDict) -> dict[str, str]:
+def model_overrides(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The ModelConfig fields a config's `model.*` section sets on top of a preset or checkpoint."""
-    return {"param_dtype": model_config.param_dtype, "dtype": model_config.dtype, "remat": model_config.remat}
+    keys = ("param_dtype", "dtype", "remat", "scan_layers")
+    return {key: model_config[key] for key in keys}
 
 
 def init_model(model_config: ModelConfig, mesh: Mesh, rules: sharding.Rules, seed: int = 0) -> Decoder:

@@ -507,6 +507,20 @@ def test_remat_policies_same_gradients(zoo, batch, remat):
     assert _max_abs_diff_trees(grads_r, grads) <= 1e-5
 
 
+def test_unrolled_layers_same_loss_and_gradients(zoo, batch):
+    """scan_layers=False (layers unrolled, no while loop in the program) is the same computation."""
+    path = zoo("qwen2")[1]
+    tokens, mask = batch
+    targets = _targets(tokens)
+    scanned, unrolled = from_pretrained(path), from_pretrained(path, scan_layers=False)
+    program = lambda m: jax.jit(lambda: m.hidden_states(tokens, positions_from_mask(mask), mask)).lower().as_text()
+    assert "while" in program(scanned) and "while" not in program(unrolled)
+    value, grads = loss_grads(scanned, tokens, mask, targets)
+    value_u, grads_u = loss_grads(unrolled, tokens, mask, targets)
+    np.testing.assert_allclose(value_u, value, rtol=1e-6)
+    assert _max_abs_diff_trees(grads_u, grads) <= 1e-5
+
+
 @pytest.mark.parametrize("family", ["qwen3", "gemma"])
 def test_attention_bias_checkpoint_is_rejected_or_loaded(tmp_path, family):
     """Qwen3/Gemma config.json with attention_bias=true: the biases must be loaded or refused, never ignored."""

@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 from kardia_jax import models, sharding
-from kardia_jax.sampling import SamplingConfig, filter_logits, generate, make_sampler
+from kardia_jax.sampling import SamplingConfig, _draw, filter_logits, generate, make_sampler
 from helpers_hf import FAMILIES, left_padded_batch, make_hf_model
 
 PROMPT_LENGTHS = (9, 4, 6)  # different lengths, left-padded to 9
@@ -138,6 +138,43 @@ def test_sampling_never_draws_filtered_tokens(qwen2):
     p = tokens.shape[1]
     top3 = np.asarray(jax.lax.top_k(logits[:, p - 1 : -1], 3)[1])  # [N, T, 3]
     assert (top3 == np.asarray(out.tokens)[..., None]).any(-1).all()
+
+
+def test_two_level_draw_follows_the_weights():
+    # 1000 ids (not a multiple of the 128-id block: the padding is exercised), a third of them with
+    # weight 0, one heavy id; 160k draws. Each id's frequency is within 5 binomial sigmas of its
+    # probability, and zero-weight ids are never drawn.
+    rng = np.random.RandomState(0)
+    weights = rng.exponential(size=1000) * (rng.rand(1000) > 0.33)
+    weights[517] = 50.0
+    p = weights / weights.sum()
+    rows = 20_000
+    draw = jax.jit(lambda key: _draw(key, jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (rows, 1000))))
+    ids = np.concatenate([np.asarray(draw(jax.random.key(i))) for i in range(8)])
+    counts = np.bincount(ids, minlength=1000)
+    assert counts[weights == 0].sum() == 0
+    sigma = np.sqrt(p * (1 - p) / len(ids))
+    assert np.all(np.abs(counts / len(ids) - p) <= 5 * sigma + 1e-12)
+
+
+def test_draw_with_one_allowed_id_returns_it():
+    weights = np.zeros((3, 300), np.float32)
+    weights[0, 0], weights[1, 299], weights[2, 128] = 1.0, 1e-30, 3.0  # block edges, a tiny weight
+    ids = np.asarray(_draw(jax.random.key(0), jnp.asarray(weights)))
+    np.testing.assert_array_equal(ids, [0, 299, 128])
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+def test_decode_segments_do_not_change_samples(qwen2, segments):
+    # The new tokens' cache split into blocks (decoded by consecutive loops) is an implementation
+    # detail: the same key gives the same tokens, and logprobs within float rounding.
+    _, _, model = qwen2
+    tokens, mask = _prompts(model.config.vocab_size)
+    config = SamplingConfig(num_samples=3, max_new_tokens=NEW_TOKENS, temperature=1.0, decode_segments=4)
+    ref = generate(model, tokens, mask, jax.random.key(4), config)
+    out = generate(model, tokens, mask, jax.random.key(4), SamplingConfig(**{**config.__dict__, "decode_segments": segments}))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
 
 
 def test_sharded_greedy_equals_unsharded(qwen2):

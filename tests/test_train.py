@@ -12,7 +12,7 @@ from flax import nnx
 
 from kardia_jax import train
 from kardia_jax.config import base_config
-from kardia_jax.models import Decoder, preset
+from kardia_jax.models import Decoder, positions_from_mask, preset
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 
 
@@ -38,12 +38,15 @@ def tiny_config(workdir, **grpo):
     return c
 
 
-def random_rollout(n, p, t, vocab, seed=0):
+def random_rollout(b, g, p, t, vocab, seed=0):
+    """B prompts (left-padded, of different lengths) with G completions each (right-padded)."""
     rng = np.random.default_rng(seed)
+    n = b * g
     completion_mask = (np.arange(t)[None] < rng.integers(2, t + 1, n)[:, None]).astype(np.int32)
+    prompt_mask = (np.arange(p)[None] >= rng.integers(0, p - 1, b)[:, None]).astype(np.int32)
     return train.Rollout(
-        prompt=jnp.asarray(rng.integers(1, vocab, (n, p)), jnp.int32),
-        prompt_mask=jnp.ones((n, p), jnp.int32),
+        prompt=jnp.asarray(rng.integers(1, vocab, (b, p)) * prompt_mask, jnp.int32),
+        prompt_mask=jnp.asarray(prompt_mask),
         completion=jnp.asarray(rng.integers(1, vocab, (n, t)), jnp.int32),
         completion_mask=jnp.asarray(completion_mask),
         truncated=jnp.asarray(completion_mask.sum(1) == t),
@@ -59,7 +62,7 @@ def test_minibatch_accumulation_equals_one_batch(tmp_path, aggregation):
     tokenizer = load_tokenizer(tokenizer_path())
     model = Decoder(preset("tiny-qwen2"), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    rollout = random_rollout(8, 5, 6, 512)
+    rollout = random_rollout(4, 2, 5, 6, 512)
     changed = []
     for k in (1, 4):
         config = tiny_config(tmp_path, num_minibatches=k, loss_aggregation=aggregation)
@@ -72,6 +75,33 @@ def test_minibatch_accumulation_equals_one_batch(tmp_path, aggregation):
     for key in ("loss", "kl", "entropy", "clip_ratio/region"):
         np.testing.assert_allclose(float(stats_1[key]), float(stats_k[key]), rtol=1e-5, atol=1e-7)
     assert float(stats_1["grad_norm"]) > 0
+
+
+def test_completion_logprobs_read_each_prompt_once_and_equal_full_sequences():
+    """The shared-prompt forward (and its gradient) against a plain forward over N = B·G full sequences
+    (each prompt repeated G times, left-padded prompts, right-padded completions), within 1e-5."""
+    model = Decoder(preset("tiny-qwen3"), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    b, g = 3, 4
+    r = random_rollout(b, g, 7, 6, model.config.vocab_size, seed=1)
+
+    def shared(params):
+        return train.completion_logprobs(nnx.merge(graphdef, params), r.prompt, r.prompt_mask, r.completion,
+                                         r.completion_mask, 0.7)
+
+    def full(params):
+        m = nnx.merge(graphdef, params)
+        tokens = jnp.concatenate([jnp.repeat(r.prompt, g, 0), r.completion], 1)
+        mask = jnp.concatenate([jnp.repeat(r.prompt_mask, g, 0), r.completion_mask], 1)
+        logits, _ = m(tokens, positions_from_mask(mask), mask)
+        logp = jax.nn.log_softmax(logits[:, r.prompt.shape[1] - 1 : -1] / 0.7, axis=-1)
+        return jnp.take_along_axis(logp, r.completion[..., None], -1)[..., 0]
+
+    valid = np.asarray(r.completion_mask) > 0
+    np.testing.assert_allclose(np.asarray(shared(params))[valid], np.asarray(full(params))[valid], atol=1e-5)
+    loss = lambda f: lambda params: jnp.sum(f(params) * r.completion_mask * r.advantages[:, None])
+    grads = [jax.grad(loss(f))(params) for f in (shared, full)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
 
 
 def test_short_run_logs_checkpoints_and_resumes(tmp_path):

@@ -153,9 +153,6 @@ class KardiaGRPO:
         self.score = score
         self.prompt = jax.device_put(np.asarray(prompts, np.int32), device)
         self.prompt_mask = jax.device_put(np.ones(prompts.shape, np.int32), device)
-        rows = np.repeat(np.asarray(prompts, np.int32), num_samples, axis=0)  # [N, P]: constant, built once
-        self.prompt_rows = jax.device_put(rows, device)
-        self.prompt_rows_mask = jax.device_put(np.ones(rows.shape, np.int32), device)
         self.keys = iter(jax.device_put(jax.random.split(jax.random.key(0), total_steps), device))
         self.jitted = {"sample": self.steps.sample, "reference": self.steps.logprobs, "reward": score,
                        "update": self.steps.update}
@@ -178,13 +175,13 @@ class KardiaGRPO:
         t["sample"] = time.perf_counter() - start
         mark = time.perf_counter()
         ref_logp = jax.block_until_ready(
-            steps.logprobs(self.ref_params, self.prompt_rows, self.prompt_rows_mask, out.tokens, out.mask))
+            steps.logprobs(self.ref_params, self.prompt, self.prompt_mask, out.tokens, out.mask))
         t["reference"] = time.perf_counter() - mark
         mark = time.perf_counter()
         advantages = jax.block_until_ready(self.score(out.tokens, out.mask))
         t["reward"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        rollout = Rollout(self.prompt_rows, self.prompt_rows_mask, out.tokens, out.mask, out.truncated, out.logprobs,
+        rollout = Rollout(self.prompt, self.prompt_mask, out.tokens, out.mask, out.truncated, out.logprobs,
                           ref_logp, advantages)
         self.params, self.opt_state, self.stats = steps.update(self.params, self.opt_state, rollout)
         jax.block_until_ready((self.params, self.opt_state, self.stats))

@@ -45,11 +45,14 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False
     max_position_embeddings: int = 32_768
-    # Numerics and memory knobs (not architecture): parameter storage dtype, activation/matmul dtype,
-    # and the remat policy of the scanned layer.
+    # Numerics, memory and compilation knobs (not architecture): parameter storage dtype,
+    # activation/matmul dtype, the remat policy of a layer, and whether cache-free forwards (training)
+    # run the layers in a `lax.scan` (compile time flat in depth) or unrolled (no stacking of per-layer
+    # residuals for the backward: faster for a few layers on CPU, compile time grows with depth).
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.family not in FAMILIES:

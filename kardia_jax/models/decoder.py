@@ -66,6 +66,12 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
+def causal_mask(input_mask: jax.Array) -> jax.Array:
+    """[N, T] validity -> [N, T, T] bool: query t sees valid keys at positions <= t."""
+    t = input_mask.shape[1]
+    return jnp.tril(jnp.ones((t, t), bool))[None] & input_mask.astype(bool)[:, None, :]
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float) -> jax.Array:
     """RMSNorm in float32, scaled by (offset + weight), cast back to x's dtype. x [..., N], weight [N]."""
     x32 = x.astype(jnp.float32)
@@ -83,6 +89,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype=None) -> jax.Array:
+    """x [..., *in] @ w [*in, *out] -> [..., *out] as one 2-D matmul ([rows, prod(in)] @ [prod(in), prod(out)]).
+
+    `n_in` is the number of input dims; `out_dtype` the accumulation/output dtype (default x's). On
+    TPU an einsum with several free dims is the same program; on XLA:CPU its backward is ~2x slower
+    than the flattened matmul's.
+    """
+    lead, out_shape = x.shape[: x.ndim - n_in], w.shape[n_in:]
+    k = math.prod(w.shape[:n_in])
+    y = jax.lax.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
+    return y.reshape(lead + out_shape)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:
@@ -107,26 +126,31 @@ def attend(q: jax.Array, blocks) -> jax.Array:
     skipped. Returns [N, T, K, G, Dh].
     """
     n, t, kh, g, dh = q.shape
+    # Per block the einsums keep dot_general's natural output order (batch b, k; then q's free dims;
+    # then the block's): a transposed output sends XLA:CPU to a slow dot emitter. Only the small
+    # per-query statistics are transposed to the common [N, T, K, G] layout.
+    common = lambda x: x.transpose(0, 2, 3, 1, 4).reshape(n, t, kh, g)  # [Nb, K, F, T, G] -> [N, T, K, G]
     scores, values = [], []
     for k, v, mask in blocks:
         if k.shape[2] == 0:
             continue
         nb = k.shape[0]
         qb = q.reshape(nb, n // nb, t, kh, g, dh)
-        s = jnp.einsum("bftkgd,bksd->bfkgts", qb, k.astype(q.dtype), preferred_element_type=jnp.float32)
-        s = jnp.where(mask[:, None, None, None], s, _NEG_INF)  # [Nb, F, K, G, T, S]
+        s = jnp.einsum("bftkgd,bksd->bkftgs", qb, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        s = jnp.where(mask[:, None, None, :, None, :], s, _NEG_INF)  # [Nb, K, F, T, G, S]
         scores.append(s)
         values.append(v.astype(q.dtype))
-    top = functools.reduce(jnp.maximum, [s.max(-1).reshape(n, kh, g, t) for s in scores])  # [N, K, G, T]
+    top = functools.reduce(jnp.maximum, [common(s.max(-1)) for s in scores])  # [N, T, K, G]
     out = jnp.zeros((n, t, kh, g, dh), jnp.float32)
-    norm = jnp.zeros((n, kh, g, t), jnp.float32)
+    norm = jnp.zeros((n, t, kh, g), jnp.float32)
     for s, v in zip(scores, values):
         nb = v.shape[0]
-        e = jnp.exp(s - top.reshape(nb, n // nb, kh, g, t)[..., None])
-        norm = norm + e.sum(-1).reshape(n, kh, g, t)
-        o = jnp.einsum("bfkgts,bksd->bftkgd", e.astype(q.dtype), v, preferred_element_type=jnp.float32)
-        out = out + o.reshape(n, t, kh, g, dh)
-    return (out / jnp.moveaxis(norm, -1, 1)[..., None]).astype(q.dtype)
+        block_top = top.reshape(nb, n // nb, t, kh, g).transpose(0, 3, 1, 2, 4)  # [Nb, K, F, T, G]
+        e = jnp.exp(s - block_top[..., None])
+        norm = norm + common(e.sum(-1))
+        o = jnp.einsum("bkftgs,bksd->bkftgd", e.astype(q.dtype), v, preferred_element_type=jnp.float32)
+        out = out + o.transpose(0, 2, 3, 1, 4, 5).reshape(n, t, kh, g, dh)
+    return (out / norm[..., None]).astype(q.dtype)
 
 
 def fan_out_prefix(cache: dict, num_samples: int, length: int) -> dict:
@@ -147,9 +171,10 @@ def fan_out_prefix(cache: dict, num_samples: int, length: int) -> dict:
     return own | {"prefix": (*cache.get("prefix", ()), block)}
 
 
-def _cache_blocks(cache: dict, layer: int) -> list:
-    """The (k, v, mask) attention blocks of one layer: the cache's own columns, then its prefixes."""
-    blocks = [cache] + list(cache.get("prefix", ()))
+def _cache_blocks(cache: dict, layer: int, own: bool = True) -> list:
+    """The read-only (k, v, mask) attention blocks of one layer: the cache's own columns (unless `own` is
+    False: they are being written), then its prefixes."""
+    blocks = ([cache] if own else []) + list(cache.get("prefix", ()))
     return [(b["k"][layer], b["v"][layer], b["valid"][:, None, :]) for b in blocks]
 
 
@@ -209,24 +234,27 @@ class Decoder(nnx.Module):
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """[B, T, D] final-normed hidden -> [B, T, V] float32 logits."""
         w = self.unembed_matrix().astype(h.dtype)
-        logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+        logits = dense(h, w, out_dtype=jnp.float32)
         return self._constrain(logits, "activation_batch", "activation_length", "activation_vocab")
 
-    def _layer(self, x, p, positions, self_mask, cached_blocks):
-        """One transformer layer. x [N, T, D]; p: this layer's params; self_mask [N, T, T] bool.
+    def _layer(self, x, p, positions, self_mask, cached_blocks, own=None):
+        """One transformer layer. x [N, T, D]; p: this layer's params.
 
-        The T new tokens attend causally to each other and to every valid column of `cached_blocks`
-        (this layer's KV cache and its shared prefixes; see `attend`). The cache is only read
-        here: the caller writes the returned new keys/values into it.
-        Returns (x, (k, v)) with the new k, v [N, K, T, Dh].
+        The T new tokens attend to their own block under `self_mask` and to every valid column of the
+        read-only `cached_blocks` (prefixes; see `attend`). Their own block is either
+          own None: their keys/values alone, self_mask [N, T, T] (causal and valid);
+          own (k, v, end): this layer's cache buffers [N, K, S, Dh]; the new keys/values are written
+            at columns [end, end + T) first and the tokens read the whole buffer, self_mask [N, T, S].
+            Write-then-read keeps the update in place: the buffer is not read after it is written.
+        Returns (x, (k, v)): the new k, v [N, K, T, Dh], or with `own` the updated buffers.
         """
         c = self.config
         dtype = x.dtype
         n, t, _ = x.shape
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps, c.norm_offset)
-        q = jnp.einsum("btd,dhk->bthk", h, p["q"].astype(dtype))  # [N, T, H, Dh]
-        k = jnp.einsum("btd,dhk->bthk", h, p["k"].astype(dtype))  # [N, T, K, Dh]
-        v = jnp.einsum("btd,dhk->bthk", h, p["v"].astype(dtype))  # [N, T, K, Dh]
+        q = dense(h, p["q"].astype(dtype))  # [N, T, H, Dh]
+        k = dense(h, p["k"].astype(dtype))  # [N, T, K, Dh]
+        v = dense(h, p["v"].astype(dtype))  # [N, T, K, Dh]
         if c.qkv_bias:
             q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
         if c.qk_norm:
@@ -236,58 +264,108 @@ class Decoder(nnx.Module):
         k = apply_rope(k, positions, c.rope_theta)
         q = self._constrain(q, "activation_batch", "activation_length", "activation_heads", None)
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [N, K, T, Dh]
-
+        if own is not None:
+            k_buf, v_buf, end = own
+            write = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, end, 0))
+            k, v = write(k_buf, k), write(v_buf, v)
         q = q.reshape(n, t, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
         q = q / jnp.asarray(math.sqrt(c.head_dim), dtype)
         attn = attend(q, [(k, v, self_mask), *cached_blocks]).reshape(n, t, c.num_heads, c.head_dim)
-        x = x + jnp.einsum("bthk,hkd->btd", attn, p["o"].astype(dtype))
+        x = x + dense(attn, p["o"].astype(dtype), n_in=2)
         x = self._constrain(x, "activation_batch", "activation_length", "activation_embed")
 
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps, c.norm_offset)
-        gate = jnp.einsum("btd,df->btf", h, p["gate"].astype(dtype))
-        up = jnp.einsum("btd,df->btf", h, p["up"].astype(dtype))
+        gate = dense(h, p["gate"].astype(dtype))  # [N, T, F]
+        up = dense(h, p["up"].astype(dtype))
         act = jax.nn.gelu(gate, approximate=True) if c.activation == "gelu_tanh" else jax.nn.silu(gate)
         mlp = self._constrain(act * up, "activation_batch", "activation_length", "activation_mlp")
-        x = x + jnp.einsum("btf,fd->btd", mlp, p["down"].astype(dtype))
+        x = x + dense(mlp, p["down"].astype(dtype))
         x = self._constrain(x, "activation_batch", "activation_length", "activation_embed")
         return x, (k, v)
 
     # -- forward ---------------------------------------------------------------------------------
-    def _layer_fn_and_params(self):
-        """The layer function (with the configured remat policy) and the stacked layer parameters."""
-        layer_fn = self._layer
-        if self.config.remat != "none":
-            policy = {
-                "full": None,
-                "dots": jax.checkpoint_policies.checkpoint_dots,
-                "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-            }[self.config.remat]
-            layer_fn = jax.checkpoint(layer_fn, policy=policy)
-        return layer_fn, {name: v[...] for name, v in self.layers.items()}
+    def _layer_fn(self):
+        """The layer function with the configured remat policy."""
+        if self.config.remat == "none":
+            return self._layer
+        policy = {
+            "full": None,
+            "dots": jax.checkpoint_policies.checkpoint_dots,
+            "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        }[self.config.remat]
+        return jax.checkpoint(self._layer, policy=policy)
+
+    @property
+    def _unroll(self) -> int:
+        """`lax.scan`'s unroll for the layers: 1 (a loop) or all of them (`ModelConfig.scan_layers`)."""
+        return 1 if self.config.scan_layers else self.config.num_layers
+
+    def _stacked_params(self) -> dict[str, jax.Array]:
+        return {name: v[...] for name, v in self.layers.items()}
+
+    def layer_params(self) -> list[dict[str, jax.Array]]:
+        """One parameter dict per layer, sliced from the stacked [L, ...] parameters.
+
+        A decode loop slices them once, before the loop, and passes them as `layers=`: sliced inside
+        the loop body, XLA:CPU copies every layer's weights on every step.
+        """
+        stacked = self._stacked_params()
+        return [{name: value[i] for name, value in stacked.items()} for i in range(self.config.num_layers)]
 
     def _scan_layers(self, tokens, positions, input_mask):
         """Scanned forward without a cache: (final-normed hidden [N, T, D], (k, v) [L, N, K, T, Dh])."""
-        x = self.embed_tokens(tokens)
-        t = tokens.shape[1]
-        self_mask = jnp.tril(jnp.ones((t, t), bool))[None] & input_mask.astype(bool)[:, None, :]  # [N, T, T]
-        layer_fn, layer_params = self._layer_fn_and_params()
-        x, kv = jax.lax.scan(lambda x, p: layer_fn(x, p, positions, self_mask, []), x, layer_params)
+        layer_fn, self_mask = self._layer_fn(), causal_mask(input_mask)
+        x, kv = jax.lax.scan(
+            lambda x, p: layer_fn(x, p, positions, self_mask, []), self.embed_tokens(tokens), self._stacked_params(), unroll=self._unroll
+        )
         return self.final_hidden(x), kv
 
-    def _unrolled(self, tokens, positions, input_mask, cache: dict):
-        """Forward over `cache`'s blocks, layers unrolled. Returns (hidden [N, T, D], new k, v per layer
-        [N, K, T, Dh])."""
+    def _unrolled(self, tokens, positions, input_mask, cache: dict, layers=None, written_valid=None):
+        """Forward over `cache`'s blocks, layers unrolled. Returns (hidden [N, T, D], k, v per layer).
+
+        Without `written_valid` the cache is only read; k, v are the new tokens' [N, K, T, Dh]. With it
+        (the cache's `valid` [N, S] after the write) the new tokens are written into the cache's own
+        columns at [end, end + T) (see `_layer`); k, v are the updated buffers [N, K, S, Dh].
+        """
         x = self.embed_tokens(tokens)
-        t = tokens.shape[1]
-        self_mask = jnp.tril(jnp.ones((t, t), bool))[None] & input_mask.astype(bool)[:, None, :]  # [N, T, T]
-        layer_fn, layer_params = self._layer_fn_and_params()
+        layer_fn = self._layer_fn()
+        write = written_valid is not None
+        if write:
+            t, s = tokens.shape[1], written_valid.shape[1]
+            seen = jnp.arange(s)[None, :] <= cache["end"] + jnp.arange(t)[:, None]  # [T, S] causal
+            self_mask = written_valid[:, None, :] & seen[None]  # [N, T, S]
+        else:
+            self_mask = causal_mask(input_mask)
         ks, vs = [], []
-        for i in range(self.config.num_layers):
-            p = {name: value[i] for name, value in layer_params.items()}
-            x, (k, v) = layer_fn(x, p, positions, self_mask, _cache_blocks(cache, i))
+        for i, p in enumerate(layers or self.layer_params()):
+            own = (cache["k"][i], cache["v"][i], cache["end"]) if write else None
+            x, (k, v) = layer_fn(x, p, positions, self_mask, _cache_blocks(cache, i, own=not write), own)
             ks.append(k)
             vs.append(v)
         return self.final_hidden(x), ks, vs
+
+    def shared_prefix_hidden(self, prefix, prefix_positions, prefix_mask, tokens, positions, input_mask):
+        """Final-normed hidden states of B prefixes [B, P, D] and of N rows continuing them [N, T, D].
+
+        Rows r·F … r·F + F - 1 of `tokens` (F = N // B) continue prefix row r, e.g. the G completions
+        of one GRPO prompt. Each layer runs on a prefix once, not F times, and the continuations attend
+        causally to each other and to their prefix's valid columns in place (see `attend`); in the
+        backward the prefix's keys and values gather the gradients of all F rows. Layers are scanned.
+        prefix*: [B, P]; tokens, positions, input_mask: [N, T].
+        """
+        layer_fn = self._layer_fn()
+        prefix_self, self_mask = causal_mask(prefix_mask), causal_mask(input_mask)
+        prefix_cols = prefix_mask.astype(bool)[:, None, :]  # [B, 1, P]
+
+        def layer(carry, p):
+            xp, x = carry
+            xp, (kp, vp) = layer_fn(xp, p, prefix_positions, prefix_self, [])
+            x, _ = layer_fn(x, p, positions, self_mask, [(kp, vp, prefix_cols)])
+            return (xp, x), None
+
+        init = (self.embed_tokens(prefix), self.embed_tokens(tokens))
+        (xp, x), _ = jax.lax.scan(layer, init, self._stacked_params(), unroll=self._unroll)
+        return self.final_hidden(xp), self.final_hidden(x)
 
     def prefill(self, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array, context: dict | None = None):
         """Hidden states [N, T, D] and a cache holding exactly these T columns.
@@ -317,26 +395,22 @@ class Decoder(nnx.Module):
         positions: jax.Array,
         input_mask: jax.Array,
         cache: dict | None = None,
+        layers: list[dict] | None = None,
     ) -> tuple[jax.Array, dict | None]:
         """Final-normed hidden states [N, T, D] and the updated cache (None without one).
 
         tokens, positions, input_mask: [N, T]. With a cache the T tokens attend to every valid cached
         column (its own and its prefixes') and are then written at columns [end, end + T); a cache
-        with no columns of its own (prefixes only) is returned as it is.
+        with no columns of its own (prefixes only) is returned as it is. `layers`: `layer_params()`,
+        sliced once by a caller that runs many steps.
         """
         if cache is None:
             return self._scan_layers(tokens, positions, input_mask)[0], None
-        hidden, ks, vs = self._unrolled(tokens, positions, input_mask, cache)
         if cache["valid"].shape[1] == 0:
-            return hidden, cache
-        end = cache["end"]
-        write = lambda buffer, new: jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, 0, end, 0))
-        return hidden, cache | {
-            "k": tuple(map(write, cache["k"], ks)),
-            "v": tuple(map(write, cache["v"], vs)),
-            "valid": jax.lax.dynamic_update_slice(cache["valid"], input_mask.astype(bool), (0, end)),
-            "end": end + tokens.shape[1],
-        }
+            return self._unrolled(tokens, positions, input_mask, cache, layers)[0], cache
+        valid = jax.lax.dynamic_update_slice(cache["valid"], input_mask.astype(bool), (0, cache["end"]))
+        hidden, ks, vs = self._unrolled(tokens, positions, input_mask, cache, layers, written_valid=valid)
+        return hidden, cache | {"k": tuple(ks), "v": tuple(vs), "valid": valid, "end": cache["end"] + tokens.shape[1]}
 
     def constrain_cache(self, cache: dict) -> dict:
         """Rows over the batch axes and KV heads over `tensor`, for every block of a cache."""
@@ -354,9 +428,9 @@ class Decoder(nnx.Module):
             out["prefix"] = tuple(block(b) for b in cache["prefix"])
         return out
 
-    def __call__(self, tokens, positions, input_mask, cache=None):
+    def __call__(self, tokens, positions, input_mask, cache=None, layers=None):
         """Logits [B, T, V] float32 and the updated cache (None without one)."""
-        h, cache = self.hidden_states(tokens, positions, input_mask, cache)
+        h, cache = self.hidden_states(tokens, positions, input_mask, cache, layers)
         return self.logits_from_hidden(h), cache
 
     def target_logprobs(
@@ -371,7 +445,8 @@ class Decoder(nnx.Module):
         with_entropy: bool = False,
     ):
         """log p(targets[b, t] | tokens[b, :t+1]) [B, T] float32, computed `chunk_size` positions at a
-        time so the [B, T, V] logits never exist at once (each chunk is rematerialized in the backward).
+        time so the [B, T, V] logits never exist at once (each chunk is rematerialized in the backward
+        when there are several).
         Logits are divided by `temperature`. With `with_entropy`, also the entropy [B, T] of each
         position's distribution.
         """
@@ -395,10 +470,9 @@ def chunked_logprobs(h, unembed, targets, temperature=1.0, chunk_size=256, with_
     t_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)  # [n, B, C]
     w = unembed.astype(h.dtype)
 
-    @jax.checkpoint
     def one(args):
         hc, tc = args
-        logits = jnp.einsum("bcd,dv->bcv", hc, w, preferred_element_type=jnp.float32) / temperature
+        logits = dense(hc, w, out_dtype=jnp.float32) / temperature  # [B, C, V]
         logz = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
         logp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - logz
         if not with_entropy:
@@ -406,7 +480,12 @@ def chunked_logprobs(h, unembed, targets, temperature=1.0, chunk_size=256, with_
         probs = jnp.exp(logits - logz[..., None])
         return logp, logz - jnp.sum(probs * logits, axis=-1)
 
-    logp, ent = jax.lax.map(one, (h_chunks, t_chunks))  # [n, B, C]
+    # With several chunks each is rematerialized in the backward, so only one chunk's [B, C, V] logits
+    # exist at a time; one chunk is computed directly (remat would only add a matmul).
+    if n == 1:
+        logp, ent = jax.tree.map(lambda x: x[None], one((h_chunks[0], t_chunks[0])))
+    else:
+        logp, ent = jax.lax.map(jax.checkpoint(one), (h_chunks, t_chunks))  # [n, B, C]
     logp = logp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
     if not with_entropy:
         return logp
