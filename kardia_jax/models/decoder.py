@@ -126,30 +126,37 @@ def attend(q: jax.Array, blocks) -> jax.Array:
     skipped. Returns [N, T, K, G, Dh].
     """
     n, t, kh, g, dh = q.shape
-    # Per block the einsums keep dot_general's natural output order (batch b, k; then q's free dims;
-    # then the block's): a transposed output sends XLA:CPU to a slow dot emitter. Only the small
-    # per-query statistics are transposed to the common [N, T, K, G] layout.
-    common = lambda x: x.transpose(0, 2, 3, 1, 4).reshape(n, t, kh, g)  # [Nb, K, F, T, G] -> [N, T, K, G]
+    # Per block, the F·T·G query rows that read one key/value row form one row axis R, so both products
+    # are plain batched matmuls over (block row, kv head): [R, Dh] x [S, Dh]^T and [R, S] x [S, Dh].
+    # (Einsums with the query axes spread out send XLA:CPU to slow transposes in the backward.)
+    # The per-query statistics meet in the common [N, T, K, G] layout.
+    def rows(x, nb):  # [N, T, K, G, ...] -> [Nb, K, R, ...]
+        x = x.reshape((nb, n // nb) + x.shape[1:])
+        return jnp.moveaxis(x, 3, 1).reshape((nb, kh, -1) + x.shape[5:])
+
+    def unrows(x, nb):  # [Nb, K, R, ...] -> [N, T, K, G, ...]
+        x = x.reshape((nb, kh, n // nb, t, g) + x.shape[3:])
+        return jnp.moveaxis(x, 1, 3).reshape((n, t, kh, g) + x.shape[5:])
+
     scores, values = [], []
     for k, v, mask in blocks:
         if k.shape[2] == 0:
             continue
         nb = k.shape[0]
-        qb = q.reshape(nb, n // nb, t, kh, g, dh)
-        s = jnp.einsum("bftkgd,bksd->bkftgs", qb, k.astype(q.dtype), preferred_element_type=jnp.float32)
-        s = jnp.where(mask[:, None, None, :, None, :], s, _NEG_INF)  # [Nb, K, F, T, G, S]
+        s = jnp.einsum("bkrd,bksd->bkrs", rows(q, nb), k.astype(q.dtype), preferred_element_type=jnp.float32)
+        cols = jnp.broadcast_to(mask[:, None, :, None, :], (nb, n // nb, t, g, mask.shape[-1]))  # [Nb, F, T, G, S]
+        s = jnp.where(cols.reshape(nb, 1, -1, mask.shape[-1]), s, _NEG_INF)  # [Nb, K, R, S]
         scores.append(s)
         values.append(v.astype(q.dtype))
-    top = functools.reduce(jnp.maximum, [common(s.max(-1)) for s in scores])  # [N, T, K, G]
+    top = functools.reduce(jnp.maximum, [unrows(s.max(-1), s.shape[0]) for s in scores])  # [N, T, K, G]
     out = jnp.zeros((n, t, kh, g, dh), jnp.float32)
     norm = jnp.zeros((n, t, kh, g), jnp.float32)
     for s, v in zip(scores, values):
         nb = v.shape[0]
-        block_top = top.reshape(nb, n // nb, t, kh, g).transpose(0, 3, 1, 2, 4)  # [Nb, K, F, T, G]
-        e = jnp.exp(s - block_top[..., None])
-        norm = norm + common(e.sum(-1))
-        o = jnp.einsum("bkftgs,bksd->bkftgd", e.astype(q.dtype), v, preferred_element_type=jnp.float32)
-        out = out + o.transpose(0, 2, 3, 1, 4, 5).reshape(n, t, kh, g, dh)
+        e = jnp.exp(s - rows(top, nb)[..., None])  # [Nb, K, R, S]
+        norm = norm + unrows(e.sum(-1), nb)
+        o = jnp.einsum("bkrs,bksd->bkrd", e.astype(q.dtype), v, preferred_element_type=jnp.float32)
+        out = out + unrows(o, nb)
     return (out / norm[..., None]).astype(q.dtype)
 
 
