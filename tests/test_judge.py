@@ -1,4 +1,4 @@
-"""The rubric judge: score reading, in-graph vs host paths, prefix sharing vs full prompts, packing."""
+"""The rubric judge: score reading, in-graph vs host paths, three-level prefix sharing vs full prompts, packing."""
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +14,15 @@ from kardia_jax.data.spans import parse_spans
 from kardia_jax.models import Decoder, positions_from_mask, preset
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 from kardia_jax.rewards import RUBRIC_CRITERIA, rubric
-from kardia_jax.rewards.judge import RubricJudge, load_judge, same_vocabulary
+from kardia_jax.rewards.judge import (
+    JudgePrompts,
+    RubricJudge,
+    load_judge,
+    same_vocabulary,
+    scores_from_logits,
+)
 
-CONTEXT_TOKENS, RESPONSE_TOKENS = 48, 12
+CONTEXT_TOKENS, RESPONSE_TOKENS = 100, 12  # contexts of 80 tokens and over budget: different lengths
 B, G = 4, 2  # prompts x completions per prompt = the 8 completions below
 
 
@@ -113,10 +119,16 @@ def test_certain_four_scores_exactly_075(model, tokenizer, score_ids, batch):
 
 def test_packing_equals_host_tokenization(judge, tokenizer, samples, batch):
     texts, tokens, mask, contexts = batch
-    in_graph, in_graph_mask = jax.jit(judge.assemble_ids)(tokens, mask, contexts)
-    host, host_mask = judge.assemble_texts(judge.decode_completions(tokens, mask), samples)
-    np.testing.assert_array_equal(np.asarray(in_graph_mask), host_mask)
-    np.testing.assert_array_equal(np.asarray(in_graph), host)
+    in_graph = jax.jit(judge.assemble_ids)(tokens, mask, contexts)
+    blocks = judge.assemble_texts(judge.decode_completions(tokens, mask), samples)
+    assert isinstance(in_graph, JudgePrompts) and isinstance(blocks, JudgePrompts)
+    for name, got, want in zip(JudgePrompts._fields, in_graph, blocks):
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)
+    # One context row per prompt, one response row per completion.
+    assert blocks.context.shape == (B, CONTEXT_TOKENS + len(judge.mid_ids))
+    assert blocks.response.shape == (B * G, RESPONSE_TOKENS + len(judge.tail_ids))
+    host, host_mask = (np.asarray(x) for x in judge.full_prompts(blocks))
+    assert host.shape == (B * G, judge.prompt_length)
     assert len(set(host_mask.sum(1).tolist())) >= 4  # different lengths, left-padded
 
     # What the response slot holds, against rules written out here.
@@ -162,9 +174,9 @@ def test_in_graph_and_host_paths_give_the_same_scores(model, judge, score_ids, s
 def test_prefix_sharing_equals_five_full_prompts(model, judge, batch):
     _, tokens, mask, contexts = batch
     params = nnx.split(model)[1]
-    prompts, prompt_mask = jax.jit(judge.assemble_ids)(tokens, mask, contexts)
-    prompts, prompt_mask = np.asarray(prompts), np.asarray(prompt_mask)
-    logits = np.asarray(jax.jit(judge.score_logits)(params, prompts, prompt_mask))  # [N, 5, 5]
+    blocks = jax.jit(judge.assemble_ids)(tokens, mask, contexts)
+    prompts, prompt_mask = (np.asarray(x) for x in judge.full_prompts(blocks))
+    logits = np.asarray(jax.jit(judge.score_logits)(params, blocks))  # [N, 5, 5]
 
     # Reference: each (completion, criterion) prompt as one sequence through a plain forward, no cache.
     suffixes = [judge.tokenizer.encode(s) for s in judge.template.suffixes]
@@ -185,11 +197,46 @@ def test_prefix_sharing_equals_five_full_prompts(model, judge, batch):
         ref = np.asarray(last_logits(seq, seq_mask))
         np.testing.assert_allclose(jax.nn.log_softmax(logits[row]), jax.nn.log_softmax(ref), atol=1e-5)
 
-    # Scores from those logits, also when scored in chunks of rows (8 rows: 3 + 3 + 2 padded).
+    # Scores from those logits, also when scored in chunks of whole groups (4 groups of G = 2: 6 rows are
+    # 3 groups a step, 3 + 1 and 2 padding groups), or of sub-groups when G exceeds the chunk (1 row).
     expected = (np.sum(np.asarray(jax.nn.softmax(logits)) * np.arange(1, 6), axis=-1) - 1) / 4
-    chunked = RubricJudge(model, judge.tokenizer, max_context_tokens=CONTEXT_TOKENS,
-                          max_response_tokens=RESPONSE_TOKENS, rows_per_chunk=3)
-    np.testing.assert_allclose(np.asarray(jax.jit(chunked.score_prompts)(params, prompts, prompt_mask)), expected, atol=1e-6)
+    for rows_per_chunk in (6, 1):
+        chunked = RubricJudge(model, judge.tokenizer, max_context_tokens=CONTEXT_TOKENS,
+                              max_response_tokens=RESPONSE_TOKENS, rows_per_chunk=rows_per_chunk)
+        np.testing.assert_allclose(np.asarray(jax.jit(chunked.score_prompts)(params, blocks)), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_three_levels_equal_each_completions_contiguous_prompt(model, judge, score_ids, samples, batch, group):
+    """HEAD once, each prompt's context once for its G completions, each response once for its five
+    criteria: the scores of every completion are those of its own contiguous prompt HEAD + context + MID
+    + response + TAIL + suffix, read by a plain forward with no cache (all 8 completions differ)."""
+    texts, tokens, mask, _ = batch
+    prompt_samples = samples[:len(texts) // group]
+    contexts = judge.prepare_contexts(prompt_samples)
+    context_lengths = contexts["context_mask"].sum(1)
+    assert len(set(context_lengths.tolist())) > 1  # prompts of different context lengths
+    params = nnx.split(model)[1]
+    scorer = score_ids if group == G else jax.jit(judge.score_ids)
+    scores = np.asarray(scorer(params, tokens, mask, contexts))  # [8, 5]
+    logits = np.asarray(jax.jit(judge.score_logits)(params, jax.jit(judge.assemble_ids)(tokens, mask, contexts)))
+
+    # Reference: the 8 x 5 prompts written out from their pieces, left-padded into one batch.
+    suffixes = [judge.tokenizer.encode(s) for s in judge.template.suffixes]
+    full = [[*judge.head_ids, *judge.context_ids(prompt_samples[i // group]), *judge.mid_ids,
+             *judge.response_ids(text), *judge.tail_ids, *suffix]
+            for i, text in enumerate(judge.decode_completions(tokens, mask)) for suffix in suffixes]
+    width = max(len(f) for f in full)
+    seq = np.zeros((len(full), width), np.int32)
+    seq_mask = np.zeros_like(seq)
+    for row, ids in enumerate(full):
+        seq[row, width - len(ids):], seq_mask[row, width - len(ids):] = ids, 1
+    out, _ = jax.jit(model)(seq, positions_from_mask(seq_mask), seq_mask)
+    ref = np.asarray(out[:, -1][:, judge.score_ids_array]).reshape(len(texts), len(suffixes), -1)
+    np.testing.assert_allclose(jax.nn.log_softmax(logits), jax.nn.log_softmax(ref), atol=1e-5)
+    np.testing.assert_allclose(scores, np.asarray(scores_from_logits(ref)), atol=1e-5)
+    # Completions of one prompt with different responses score differently.
+    assert np.abs(scores[0] - scores[1]).max() > 1e-3
 
 
 def test_vocabulary_detection_and_load_judge(model, tokenizer, judge, score_ids, batch):
@@ -224,7 +271,7 @@ def test_piecewise_ids_are_the_whole_prompts_tokenization(model, tokenizer):
     train, _ = load_samples(sample_path(), "train")
     for sample in train[:12]:
         completion = sample.target + "<|im_end|>"
-        tokens, mask = roomy.assemble_texts([completion], [sample])
+        tokens, mask = (np.asarray(x) for x in roomy.full_prompts(roomy.assemble_texts([completion], [sample])))
         whole = tokenizer.encode(roomy.template.render("".join(rubric.context_parts(sample)), parse_spans(sample.target)["response"], 0))
         suffix = tokenizer.encode(roomy.template.suffixes[0])
         assert list(tokens[0][mask[0] > 0]) + suffix == whole

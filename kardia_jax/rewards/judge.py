@@ -7,30 +7,51 @@ the five tokens "1".."5" (softmax over those five logits), mapped to [0, 1] by (
 
     scores [N, 5] float32 in [0, 1], columns in RUBRIC_CRITERIA order (rewards/combine.py)
 
-Prefix sharing, two levels. The rubric instructions (HEAD) are the same for every prompt: they are
-prefilled once, as one row, and every completion's prompt reads that cache. Everything after HEAD up
-to the judge's reply is the same for the five criteria: it is prefilled once per completion, and
-`fan_out_prefix(cache, 5, 0)` makes HEAD + that cache the nested prefix of N·5 suffix rows (row i·5 + c
-= completion i, criterion c), which read it in place. Only the last suffix position's hidden state is
-turned into the five score logits (D x 5, not the whole vocabulary). One prompt's context is repeated
-for its G completions (one contiguous body per completion keeps both input paths in one scorer).
+Prefix sharing, three levels. The prompt of completion i (of prompt p = i // G, the sampler's order)
+and criterion c is HEAD + CONTEXT_p + RESPONSE_i + SUFFIX_c, and each piece is prefilled once at the
+level where it varies, as a block of rows that reads the blocks before it in place (nested prefix caches,
+`Decoder.prefill(..., context=cache)` and `fan_out_prefix`), never a copy of them:
 
-Memory: the prefill attends N rows of L tokens at once; `rows_per_chunk` bounds it (a TPU-sized judge
-with L in the thousands needs it).
+  HEAD      rubric instructions: the same for every prompt, so one row [1, h] (positions 0..h-1).
+  context   persona + dialogue context + MID: the same for the G completions of a prompt, so one row
+            per prompt [B, C + len(MID)], prefilled with HEAD as its context (positions from h).
+  response  response span + TAIL: one row per completion [N, R + len(TAIL)], prefilled with the
+            context cache as its context: rows p·G … p·G + G - 1 read context row p (positions from
+            h + the number of valid context tokens of prompt p).
+  suffix    "<Criterion> score: ": `fan_out_prefix(cache, 5, 0)` makes HEAD, context and response the
+            nested prefix of N·5 suffix rows (row i·5 + c = completion i, criterion c; positions from
+            h + context + response lengths), which read all of it in place.
 
-Two input paths build the same judge prompts [N, L], L = len(HEAD) + C + len(MID) + R + len(TAIL),
-C = max_context_tokens, R = max_response_tokens: HEAD in the first columns of every row, then the rest
-(context, MID, response, TAIL) left-padded; positions come from the mask, so the padding in between
-changes nothing:
+Why: in GRPO the G (8) completions of a prompt share its context, and the context (C, 512 by default,
+1536 in the TPU configs) is longer than the response (R <= 512): prefilled per completion, it would be
+most of the judge's work, repeated G times. Positions continue across blocks from the
+masks, so padding inside a block changes nothing and the scores are those of the judge reading each
+(completion, criterion) prompt as one contiguous sequence (`full_prompts` builds those sequences, for
+tests and inspection). Only the last suffix position's hidden state is turned into the five score
+logits (D x 5, not the whole vocabulary). In evaluation (`score_texts`, `scorer`) each completion has
+its own sample: B = N, G = 1, and the context block has a row per completion.
+
+Memory: the prefills attend B context rows of C + len(MID) tokens and N response rows of
+R + len(TAIL) tokens at once; `rows_per_chunk` bounds the completions scored at a time (a TPU-sized
+judge with C in the thousands needs it). Chunks are whole groups (a prompt's context with its G
+completions); a group larger than `rows_per_chunk` is split into sub-groups of the largest divisor of
+G that fits, each reading its own copy of the context.
+
+Two input paths build the same blocks (`JudgePrompts`, all left-padded int32): the context block
+[B, C + len(MID)] (context ids, then MID) and the response block [N, R + len(TAIL)] (response span,
+then TAIL), C = max_context_tokens, R = max_response_tokens. HEAD and the suffixes are constants of
+the scorer.
 
   in-graph (`score_ids`, shared vocabulary): inside the jitted step, from the policy's completion ids.
-    The constant pieces are id arrays; the contexts [B, C] come from `prepare_contexts` (host, once per
-    batch of prompts); the response span is cut out of the completion ids; the pieces are packed
-    left-padded into [N, L] by a scatter at cumsum positions.
+    The contexts [B, C] come from `prepare_contexts` (host, once per batch of prompts); the response
+    span is cut out of the completion ids; each block's pieces are packed left-padded by a scatter at
+    cumsum positions.
   host (`score_texts`, or `score_ids` when the vocabularies differ): completion texts are re-tokenized
     with the judge's tokenizer on the host. Inside a jitted `score_ids` this is a `jax.pure_callback`
     that returns the response ids [N, R]; the packing stays in-graph. (Single-host: a callback in a
     multi-host program runs on one process; there, score texts outside the step with `score_texts`.)
+    `score_texts` takes one sample per completion, or B samples for N = B·G completions (then each
+    context is read once per group, as in-graph).
 
 The response span (both paths, the same rule):
   * if the completion holds `<|response_begin|>` and `<|response_end|>` exactly once each, begin before
@@ -55,6 +76,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +92,16 @@ from kardia_jax.rewards import rubric
 from kardia_jax.rewards.combine import RUBRIC_CRITERIA
 
 NUM_CRITERIA = len(RUBRIC_CRITERIA)
+
+
+class JudgePrompts(NamedTuple):
+    """The judge prompts of N = B·G completions after HEAD: the two blocks the scorer prefills (module
+    docstring). int32, left-padded; completion i reads context row i // G. numpy or jax arrays."""
+
+    context: Any  # [B, C + len(MID)]: persona + dialogue context, then MID
+    context_mask: Any  # [B, C + len(MID)]
+    response: Any  # [N, R + len(TAIL)]: the response span, then TAIL
+    response_mask: Any  # [N, R + len(TAIL)]
 
 
 def score_token_ids(tokenizer) -> np.ndarray:
@@ -123,8 +155,9 @@ class RubricJudge:
       max_context_tokens: C, the budget of persona + situation + conversation.
       max_response_tokens: R, the budget of the response span.
       shared_vocab: which input path `score_ids` takes; None: detect (`same_vocabulary`).
-      rows_per_chunk: score at most this many completions at a time (a `lax.map` over row chunks) to
-        bound the prefill's activation and attention memory; 0: all at once.
+      rows_per_chunk: score at most this many completions at a time (a `lax.map` over chunks of whole
+        groups, or of sub-groups when G exceeds it) to bound the prefills' activation and attention
+        memory; 0: all at once.
     """
 
     def __init__(self, model: Decoder, tokenizer, policy_tokenizer=None, *, max_context_tokens: int = 512,
@@ -150,8 +183,9 @@ class RubricJudge:
         for c, ids in enumerate(suffixes):
             self.suffix_ids[c, width - len(ids):] = ids
             self.suffix_mask[c, width - len(ids):] = 1
-        self.prompt_length = (len(self.head_ids) + self.max_context_tokens + len(self.mid_ids)
-                              + self.max_response_tokens + len(self.tail_ids))  # L
+        self.context_length = self.max_context_tokens + len(self.mid_ids)  # the context block's width
+        self.response_length = self.max_response_tokens + len(self.tail_ids)  # the response block's width
+        self.prompt_length = len(self.head_ids) + self.context_length + self.response_length  # L, one contiguous prompt
         constant = np.concatenate([self.head_ids, self.mid_ids, self.tail_ids, self.suffix_ids.ravel(), self.score_ids_array])
         if constant.max() >= self.vocab_size:
             raise ValueError(f"The judge prompt uses token id {constant.max()} but the judge model has only "
@@ -226,30 +260,24 @@ class RubricJudge:
         ids = ids[content[0]:content[-1] + 1] if content else []
         return ids[:self.max_response_tokens]
 
-    def assemble_texts(self, completions: Sequence[str], samples: Sequence[TurnSample]) -> tuple[np.ndarray, np.ndarray]:
-        """Host path: the judge prompts of N completion texts (layout above): tokens, mask [N, L] int32.
+    def assemble_texts(self, completions: Sequence[str], samples: Sequence[TurnSample]) -> JudgePrompts:
+        """Host path: the judge prompts of N completion texts (numpy `JudgePrompts`, layout above).
 
-        `samples` holds one sample per completion, or B samples for N = B·G completions (completion
-        i belongs to sample i // G, the sampler's order).
+        `samples` holds one sample per completion (B = N, G = 1), or B samples for N = B·G completions
+        (completion i belongs to sample i // G, the sampler's order; its context is read once per group).
         """
-        rows = _per_completion(samples, len(completions))
-        contexts = {id(s): self.context_ids(s) for s in rows}
-        length = self.prompt_length
-        tokens = np.full((len(completions), length), self.tokenizer.pad_id, np.int32)
-        mask = np.zeros((len(completions), length), np.int32)
-        head = len(self.head_ids)
-        tokens[:, :head], mask[:, :head] = self.head_ids, 1
-        for row, (text, sample) in enumerate(zip(completions, rows)):
-            body = [*contexts[id(sample)], *self.mid_ids, *self.response_ids(text), *self.tail_ids]
-            tokens[row, length - len(body):] = body
-            mask[row, length - len(body):] = 1
-        return tokens, mask
+        _group_size(len(completions), len(samples))
+        pad = self.tokenizer.pad_id
+        context, context_mask = _left_padded([[*self.context_ids(s), *self.mid_ids] for s in samples],
+                                             self.context_length, pad)
+        response, response_mask = _left_padded([[*self.response_ids(t), *self.tail_ids] for t in completions],
+                                               self.response_length, pad)
+        return JudgePrompts(context, context_mask, response, response_mask)
 
     def score_texts(self, params, completions: Sequence[str], samples: Sequence[TurnSample]) -> np.ndarray:
         """Host path: [N, 5] float32 scores of completion texts (decoded with the span markers kept, e.g.
         by `decode_completions`), with the same jitted scorer as the in-graph path."""
-        tokens, mask = self.assemble_texts(completions, samples)
-        return np.asarray(self._score_prompts_jit(params, tokens, mask))
+        return np.asarray(self._score_prompts_jit(params, self.assemble_texts(completions, samples)))
 
     def scorer(self, params, batch_size: int = 32) -> Callable[[Sequence[TurnSample], Sequence[str]], dict[str, np.ndarray]]:
         """A scorer for `kardia_jax.evaluate` scorers: (samples, completions) -> {"judge_<criterion>":
@@ -299,8 +327,8 @@ class RubricJudge:
         return out, mask
 
     def assemble_ids(self, completion_ids: jax.Array, completion_mask: jax.Array, contexts,
-                     context_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """The judge prompts [N, L] (tokens, mask int32; layout above) of N = B·G completions.
+                     context_mask: jax.Array | None = None) -> JudgePrompts:
+        """The judge prompts (`JudgePrompts`, layout above) of N = B·G completions.
 
         completion_ids, completion_mask: [N, T] policy ids (mask 1 up to and including the stop token).
         contexts: `prepare_contexts`'s dict (on device), or context_ids [B, C] with `context_mask`.
@@ -311,73 +339,95 @@ class RubricJudge:
         else:
             context_ids = contexts
         n, b = completion_ids.shape[0], context_ids.shape[0]
-        if n % b:
-            raise ValueError(f"judge: {n} completions do not split into groups over {b} prompts' contexts.")
+        _group_size(n, b)
         if self.shared_vocab:
             response, keep = completion_ids, self.response_mask(completion_ids, completion_mask)
         else:
             shapes = (jax.ShapeDtypeStruct((n, self.max_response_tokens), jnp.int32),
                       jax.ShapeDtypeStruct((n, self.max_response_tokens), jnp.bool_))
             response, keep = jax.pure_callback(self._host_response, shapes, completion_ids, completion_mask)
-        group = n // b
-        context_ids = jnp.repeat(context_ids, group, axis=0)  # [N, C]
-        context_mask = jnp.repeat(context_mask > 0, group, axis=0)
 
-        def constant(ids):
-            return jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (n, len(ids))), jnp.ones((n, len(ids)), bool)
+        def constant(ids, rows):
+            return jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (rows, len(ids))), jnp.ones((rows, len(ids)), bool)
 
-        pieces = [(context_ids, context_mask), constant(self.mid_ids), (response, keep), constant(self.tail_ids)]
-        raw = jnp.concatenate([ids.astype(jnp.int32) for ids, _ in pieces], axis=1)  # [N, W], W >= L - len(HEAD)
-        valid = jnp.concatenate([m for _, m in pieces], axis=1)
-        length = self.prompt_length - len(self.head_ids)  # the body, left-padded after HEAD
-        count = valid.sum(axis=1, keepdims=True)  # [N, 1]
-        target = jnp.where(valid, length - count + jnp.cumsum(valid, axis=1) - 1, length)  # length: dropped
-        rows = jnp.arange(n)[:, None]
-        body = jnp.full((n, length), self.tokenizer.pad_id, jnp.int32).at[rows, target].set(raw, mode="drop")
-        body_mask = (jnp.arange(length)[None] >= length - count).astype(jnp.int32)
-        head, head_mask = constant(self.head_ids)
-        return jnp.concatenate([head, body], axis=1), jnp.concatenate([head_mask.astype(jnp.int32), body_mask], axis=1)
+        pad = self.tokenizer.pad_id
+        context = _pack_left([(context_ids, context_mask), constant(self.mid_ids, b)], self.context_length, pad)
+        response = _pack_left([(response, keep), constant(self.tail_ids, n)], self.response_length, pad)
+        return JudgePrompts(*context, *response)
+
+    def full_prompts(self, prompts: JudgePrompts) -> tuple[jax.Array, jax.Array]:
+        """The contiguous prompts [N, L] that `prompts` stand for (tokens, mask int32): HEAD in the first
+        columns, then context, MID, response, TAIL left-padded. The judge scores exactly these (plus a
+        criterion suffix); the scorer never builds them (for tests and inspection)."""
+        n, b = prompts.response.shape[0], prompts.context.shape[0]
+        repeat = lambda x: jnp.repeat(jnp.asarray(x), _group_size(n, b), axis=0)
+        body, body_mask = _pack_left([(repeat(prompts.context), repeat(prompts.context_mask)),
+                                      (prompts.response, prompts.response_mask)],
+                                     self.prompt_length - len(self.head_ids), self.tokenizer.pad_id)
+        head = jnp.broadcast_to(jnp.asarray(self.head_ids, jnp.int32), (n, len(self.head_ids)))
+        return jnp.concatenate([head, body], axis=1), jnp.concatenate([jnp.ones_like(head), body_mask], axis=1)
 
     # -- in-graph: the scorer -------------------------------------------------------------------------
 
-    def score_logits(self, params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    def score_logits(self, params, prompts: JudgePrompts) -> jax.Array:
         """[N, 5, 5] float32: per completion and criterion, the judge's logits of "1".."5" after the
-        criterion's suffix, for assembled prompts tokens, mask [N, L] (HEAD first, then the body)."""
+        criterion's suffix, for the blocks of B contexts and N = B·G responses (module docstring)."""
         model = nnx.merge(self.graphdef, params)
-        n = tokens.shape[0]
+        context, context_mask, response, response_mask = (jnp.asarray(x) for x in prompts)
+        n = response.shape[0]
+        group = _group_size(n, context.shape[0])
         h = len(self.head_ids)
         head = jnp.asarray(self.head_ids)[None]  # [1, h]: the same rubric for every row, prefilled once
-        _, head_cache = model.prefill(head, jnp.arange(h)[None], jnp.ones_like(head))
-        body, body_mask = tokens[:, h:], mask[:, h:]
-        _, cache = model.prefill(body, h + positions_from_mask(body_mask), body_mask, context=head_cache)
+        _, cache = model.prefill(head, jnp.arange(h)[None], jnp.ones_like(head))
+        # Each prompt's context once, after HEAD; then each completion's response after its prompt's
+        # context (rows p·G … p·G + G - 1 read context row p in place). Positions continue across blocks.
+        _, cache = model.prefill(context, h + positions_from_mask(context_mask), context_mask, context=cache)
+        start = jnp.repeat(h + context_mask.sum(axis=1), group)[:, None]  # [N, 1]: HEAD + the prompt's context
+        _, cache = model.prefill(response, start + positions_from_mask(response_mask), response_mask, context=cache)
+        start = start + response_mask.sum(axis=1, keepdims=True)  # [N, 1]: the prompt's whole length
 
-        # Fan out: HEAD + the body are the nested prefix of each completion's five criterion rows (i·5 + c).
+        # Fan out: HEAD, context and response are the nested prefix of each completion's five criterion
+        # rows (i·5 + c).
         suffix_ids = jnp.tile(jnp.asarray(self.suffix_ids), (n, 1))  # [N·5, S]
         suffix_mask = jnp.tile(jnp.asarray(self.suffix_mask), (n, 1))
         cache = model.constrain_cache(fan_out_prefix(cache, NUM_CRITERIA, 0))
-        start = jnp.repeat(h + body_mask.sum(axis=1), NUM_CRITERIA)[:, None]  # [N·5, 1] the prompt's length
+        start = jnp.repeat(start, NUM_CRITERIA, axis=0)  # [N·5, 1]
         hidden, _ = model.hidden_states(suffix_ids, start + positions_from_mask(suffix_mask), suffix_mask, cache)
         last = hidden[:, -1]  # [N·5, D]; suffixes are left-padded, so the last column is the last token
         unembed = model.unembed_matrix()[:, self.score_ids_array].astype(last.dtype)  # [D, 5]
         logits = jnp.einsum("nd,dk->nk", last, unembed, preferred_element_type=jnp.float32)
         return logits.reshape(n, NUM_CRITERIA, len(rubric.SCORE_TOKENS))
 
-    def score_prompts(self, params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-        """[N, 5] scores in [0, 1] of assembled prompts [N, L], in chunks of `rows_per_chunk`. Jittable."""
+    def score_prompts(self, params, prompts: JudgePrompts) -> jax.Array:
+        """[N, 5] scores in [0, 1] of assembled prompts, at most `rows_per_chunk` completions at a time
+        (chunks of whole groups; of sub-groups when G exceeds it). Jittable."""
         chunk = self.rows_per_chunk
-        n = tokens.shape[0]
+        n, b = prompts.response.shape[0], prompts.context.shape[0]
         if not chunk or n <= chunk:
-            return scores_from_logits(self.score_logits(params, tokens, mask))
-        pad = -n % chunk  # padding rows hold no tokens; their scores are cut off
-        tokens = jnp.pad(tokens, ((0, pad), (0, 0)), constant_values=self.tokenizer.pad_id)
-        mask = jnp.pad(mask, ((0, pad), (0, 0)))
-        steps = (n + pad) // chunk
-        # Strided chunks: step i scores rows i, i + steps, i + 2·steps, ..., so with rows split over
+            return scores_from_logits(self.score_logits(params, prompts))
+        group = _group_size(n, b)
+        context, context_mask, response, response_mask = (jnp.asarray(x) for x in prompts)
+        if group > chunk:  # sub-groups of the largest divisor of G that fits, each with its own context row
+            sub = max(d for d in range(1, chunk + 1) if group % d == 0)
+            context, context_mask = (jnp.repeat(x, group // sub, axis=0) for x in (context, context_mask))
+            b, group = n // sub, sub
+        per_step = chunk // group  # groups per chunk
+        steps = -(-b // per_step)
+        pad = steps * per_step - b  # padding groups hold no tokens; their scores are cut off
+
+        # Strided chunks: step i scores groups i, i + steps, i + 2·steps, ..., so with rows split over
         # devices in contiguous blocks every step keeps every device busy.
-        strided = lambda x: x.reshape(chunk, steps, *x.shape[1:]).swapaxes(0, 1)  # [steps, chunk, ...]
-        out = jax.lax.map(lambda tm: scores_from_logits(self.score_logits(params, *tm)),
-                          (strided(tokens), strided(mask)))  # [steps, chunk, 5]
-        return out.swapaxes(0, 1).reshape(n + pad, NUM_CRITERIA)[:n]
+        def strided(x, rows):  # [b·rows, ...] -> [steps, per_step·rows, ...]
+            x = x.reshape(b, rows, *x.shape[1:])
+            x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+            x = x.reshape(per_step, steps, *x.shape[1:]).swapaxes(0, 1)
+            return x.reshape(steps, per_step * rows, *x.shape[3:])
+
+        chunks = JudgePrompts(strided(context, 1), strided(context_mask, 1), strided(response, group),
+                              strided(response_mask, group))
+        out = jax.lax.map(lambda p: scores_from_logits(self.score_logits(params, p)), chunks)  # [steps, per_step·G, 5]
+        out = out.reshape(steps, per_step, group, NUM_CRITERIA).swapaxes(0, 1)
+        return out.reshape((b + pad) * group, NUM_CRITERIA)[:n]
 
     def score_ids(self, params, completion_ids: jax.Array, completion_mask: jax.Array, contexts,
                   context_mask: jax.Array | None = None) -> jax.Array:
@@ -387,10 +437,10 @@ class RubricJudge:
         completion_ids, completion_mask: [N, T] as the sampler returns them (sample i·G + g of prompt i).
         contexts: `prepare_contexts(samples)` of the B prompts (on device), or context_ids [B, C] and
         context_mask [B, C].
-        Cost: a prefill of N prompts of length L, then N·5 suffix rows of S tokens reading it.
+        Cost: HEAD once; a prefill of B context rows of C + len(MID) tokens; one of N response rows of
+        R + len(TAIL) tokens reading them; then N·5 suffix rows of S tokens reading all of it.
         """
-        tokens, mask = self.assemble_ids(completion_ids, completion_mask, contexts, context_mask)
-        return self.score_prompts(params, tokens, mask)
+        return self.score_prompts(params, self.assemble_ids(completion_ids, completion_mask, contexts, context_mask))
 
 
 def scores_from_logits(logits: jax.Array) -> jax.Array:
@@ -400,12 +450,33 @@ def scores_from_logits(logits: jax.Array) -> jax.Array:
     return (expected - 1.0) / 4.0
 
 
-def _per_completion(samples: Sequence[TurnSample], n: int) -> list[TurnSample]:
-    samples = list(samples)
-    if not samples or n % len(samples):
-        raise ValueError(f"judge: {n} completions need one sample each or B samples with N = B·G; got {len(samples)}.")
-    group = n // len(samples)
-    return [samples[i // group] for i in range(n)]
+def _group_size(n: int, b: int) -> int:
+    """G = N // B for N completions over B prompts' contexts; raises unless B divides N."""
+    if not b or n % b:
+        raise ValueError(f"judge: {n} completions need one prompt's context each or B contexts with N = B·G; got {b}.")
+    return n // b
+
+
+def _left_padded(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host: id lists (each at most `length`) left-padded into ids, mask [len(rows), length] int32."""
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for r, row in enumerate(rows):
+        if row:
+            ids[r, length - len(row):], mask[r, length - len(row):] = row, 1
+    return ids, mask
+
+
+def _pack_left(pieces, length: int, pad_id: int) -> tuple[jax.Array, jax.Array]:
+    """In-graph: the valid tokens of pieces [(ids [n, w], mask [n, w])], in order, left-padded into ids,
+    mask [n, length] int32 (a scatter at cumsum positions). Each row holds at most `length` of them."""
+    raw = jnp.concatenate([jnp.asarray(ids).astype(jnp.int32) for ids, _ in pieces], axis=1)  # [n, W]
+    valid = jnp.concatenate([jnp.asarray(m) > 0 for _, m in pieces], axis=1)
+    n = raw.shape[0]
+    count = valid.sum(axis=1, keepdims=True)  # [n, 1]
+    target = jnp.where(valid, length - count + jnp.cumsum(valid, axis=1) - 1, length)  # length: dropped
+    out = jnp.full((n, length), pad_id, jnp.int32).at[jnp.arange(n)[:, None], target].set(raw, mode="drop")
+    return out, (jnp.arange(length)[None] >= length - count).astype(jnp.int32)
 
 
 # -- loading -------------------------------------------------------------------------------------------
