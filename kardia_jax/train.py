@@ -37,6 +37,7 @@ from kardia_jax import checkpoints, metrics, rewards, sharding, training
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.grpo import GRPOConfig, group_advantages, grpo_loss, loss_normalizers
+from kardia_jax.models.config import DTYPES
 from kardia_jax.models.decoder import Decoder, chunked_logprobs, positions_from_mask
 from kardia_jax.rewards.judge import RubricJudge, load_judge
 from kardia_jax.sampling import SampleOutput, SamplingConfig, make_sampler
@@ -146,9 +147,13 @@ class Steps:
         return make_sampler(self.graphdef, dataclasses.replace(self.sampling, num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens))
 
     def _logprobs(self, params, prompt, prompt_mask, completion, completion_mask):
-        """Teacher-forced completion logprobs [N, T] (reference model, or the policy's old logprobs)."""
+        """Teacher-forced completion logprobs [N, T] (reference model, or the policy's old logprobs), in
+        `num_minibatches` sequential parts as the update does: that bounds the activations and the
+        [rows, chunk, V] logits alike."""
         model = nnx.merge(self.graphdef, params)
-        return completion_logprobs(model, prompt, prompt_mask, completion, completion_mask, self.temperature)
+        parts = _minibatches((prompt, prompt_mask, completion, completion_mask), self.config.grpo.num_minibatches)
+        logp = jax.lax.map(lambda part: completion_logprobs(model, *part, self.temperature), parts)  # [k, N/k, T]
+        return logp.reshape(completion.shape)
 
     def _rewards(self, judge_params, completion, completion_mask, emotion_id, contexts):
         """Total reward [N] and per-sample logs {"reward/...": [N]} of N completions."""
@@ -178,7 +183,7 @@ class Steps:
         whole number of prompts with their G samples)."""
         k = self.config.grpo.num_minibatches
         norms = loss_normalizers(rollout.completion_mask, self.loss_config, rollout.truncated)
-        parts = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), rollout)
+        parts = _minibatches(rollout, k)
 
         def loss_fn(params, part: Rollout):
             model = nnx.merge(self.graphdef, params)
@@ -208,6 +213,19 @@ class Steps:
 
 
 # -- the run -----------------------------------------------------------------------------------
+
+
+def _minibatches(tree, k: int):
+    """Splits every array's leading (row) axis into k equal parts: [R, ...] -> [k, R / k, ...]. Rows of
+    a prompt's group are contiguous, so with prompts and completions alike each part holds whole groups."""
+    return jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), tree)
+
+
+def reference_params(params, dtype):
+    """The frozen reference: a copy of the policy's parameters stored in the compute dtype. Its forward
+    casts every weight to that dtype anyway, so float32 masters would only double its memory."""
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.copy(x)
+    return jax.jit(lambda tree: jax.tree.map(cast, tree))(params)
 
 
 def _repeat(x: jax.Array, g: int) -> jax.Array:
@@ -255,8 +273,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         policy_config = _initial_model_config(config)
         model, tokenizer = training.load_policy(policy_config, mesh)
         graphdef, params = nnx.split(model)
-        copy = lambda tree: jax.tree.map(jnp.copy, tree)
-        ref_params = copy(params) if g.beta > 0 else None
+        ref_params = reference_params(params, DTYPES[config.model.dtype]) if g.beta > 0 else None
         judge, judge_params = (None, None)
         if dict(g.reward_weights).get("rubric", 0) > 0:
             judge, judge_params = load_judge(config, mesh, tokenizer, model)
