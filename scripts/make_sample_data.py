@@ -5,14 +5,20 @@ exactly the KardiaBench schema, made from the templates below and a seeded RNG (
 deterministic; tests/test_data.py checks the committed files equal a fresh run):
 
   * 64 dialogues (48 train, 16 test), 3 to 5 user/assistant pairs each (8 messages on average),
-  * every one of the 32 emotion labels twice — once per scenario — and all 32 in train,
+  * every one of the 32 emotion labels in train: the 16 labels of the test split twice each, the
+    other 16 once,
   * 24 personas (MBTI, About, Signature, Recent Activities), 18 train-only and 6 test-only,
-  * the emotion is learnable from the user's words: each label has its own cue sentences, and in half
-    of the dialogues the user also names the feeling ("easy" turns under the default difficulty rule);
-    no user text holds another label's word,
+  * the emotion is learnable from the user's words only: each label has three cue sentences, the same
+    in train and test, and every user message holds one of them; the user also names the feeling in
+    every message from the first one on (a quarter of the dialogues) or from the second one on (half
+    of them), never in the last quarter (named turns are "easy" under the default difficulty rule,
+    the others "hard"); no user text holds another label's word,
+  * the system message says nothing about the label: every persona tells one of 16 neutral situations
+    (a wedding, a new job, a move...) in two or three dialogues, each time with a different label, and
+    no (situation, label) pair of the test split occurs in train,
   * a quarter of the dialogues use the `<understanding>…</understanding>` tag style,
   * spans of one or two short sentences: with the shipped tokenizer a train sample (prompt + target) has
-    ~300 tokens at the median and at most ~550; a max_length of 384 truncates the history of a quarter.
+    ~340 tokens at the median and at most ~550; a max_length of 384 truncates the history of a quarter.
 
 Usage: python scripts/make_sample_data.py [--out_dir kardia_jax/assets/sample]
 """
@@ -31,9 +37,12 @@ from kardia_jax.data.spans import EMOTIONS, SPAN_NAMES
 
 SEED = 20260101
 NUM_TEST_PERSONAS = 6
-NUM_TEST_EMOTIONS = 16
+NUM_TEST_EMOTIONS = 16  # each once in test and twice in train; the other labels once in train
 PAIRS_PER_DIALOGUE = (3, 4, 4, 5)  # drawn uniformly: 4 pairs (8 messages) on average
 XML_TAG_FRACTION = 0.25
+# From which user message on (0-based) the user names the feeling, one entry per dialogue in turn:
+# a quarter never, a quarter from the first message, half from the second.
+NAMES_FROM = (None, 0, 1, 1)
 
 
 class Scenario(NamedTuple):
@@ -46,340 +55,199 @@ class Emotion(NamedTuple):
     family: str  # picks the response templates
     need: str  # what support fits, "you may want <need>"
     cues: tuple[str, str, str]  # user sentences that imply the label without naming it
-    scenarios: tuple[Scenario, Scenario]
 
 
 EMOTION_BANK = {
     "surprised": Emotion("surprise", "a moment to take it all in", (
         "I did not see that coming at all",
         "My jaw literally dropped",
-        "It came completely out of nowhere"), (
-        Scenario("Their quiet neighbor turned out to be a famous jazz drummer.",
-                 "finding out your quiet neighbor is a famous drummer",
-                 "So my quiet neighbor is apparently a famous jazz drummer."),
-        Scenario("Their manager gave them a raise they never asked for.",
-                 "getting a raise you never asked for",
-                 "My manager just handed me a raise I never even asked for."))),
+        "It came completely out of nowhere")),
     "excited": Emotion("positive", "someone to share the buzz with", (
         "I keep bouncing around the apartment",
         "I literally cannot sit still",
-        "I have been grinning all day"), (
-        Scenario("They got tickets to see their favorite band live next month.",
-                 "getting tickets to see your favorite band",
-                 "I just got tickets to see my favorite band next month!"),
-        Scenario("They are starting a new job at a game studio on Monday.",
-                 "starting a new job at a game studio",
-                 "I start my new job at a game studio on Monday."))),
+        "I have been grinning all day")),
     "annoyed": Emotion("anger", "room to vent", (
         "It keeps getting on my nerves",
         "I have asked them to stop like ten times",
-        "It is such a small thing but it bugs me"), (
-        Scenario("Their roommate keeps leaving dirty dishes in the sink.",
-                 "dealing with dishes your roommate leaves in the sink",
-                 "My roommate left dirty dishes in the sink again."),
-        Scenario("A coworker keeps tapping a pen during every meeting.",
-                 "sitting through a coworker tapping a pen in meetings",
-                 "A coworker taps his pen through every single meeting."))),
+        "It is such a small thing but it bugs me")),
     "proud": Emotion("positive", "credit for the hard work", (
         "I worked so hard for this",
         "I keep looking at the result and smiling",
-        "Nobody thought I could pull it off"), (
-        Scenario("Their daughter learned to ride a bike after weeks of practice with them.",
-                 "watching your daughter finally ride her bike",
-                 "My daughter rode her bike on her own today after weeks of practice."),
-        Scenario("They finished their first marathon.",
-                 "finishing your first marathon",
-                 "I finished my first marathon yesterday."))),
+        "Nobody thought I could pull it off")),
     "angry": Emotion("anger", "a way to stand up for yourself", (
         "My blood is boiling",
         "They had no right to do that",
-        "I had to walk away before I yelled"), (
-        Scenario("Someone scratched their car in a parking lot and drove off.",
-                 "finding your car scratched by someone who drove off",
-                 "Someone scratched my car in the parking lot and just drove off."),
-        Scenario("A colleague took credit for their project in front of the boss.",
-                 "seeing a colleague take credit for your project",
-                 "A colleague presented my project to the boss as his own."))),
+        "I had to walk away before I yelled")),
     "sad": Emotion("sadness", "gentle company", (
         "I cried on the way home",
         "Everything feels heavy today",
-        "I just want to stay in bed"), (
-        Scenario("Their best friend moved to another country.",
-                 "saying goodbye to your best friend who moved abroad",
-                 "My best friend moved to another country this week."),
-        Scenario("Their old cat had to be put to sleep.",
-                 "losing your old cat",
-                 "We had to put our old cat to sleep on Sunday."))),
+        "I just want to stay in bed")),
     "grateful": Emotion("positive", "a way to say thank you", (
         "I do not know how to repay them",
         "They did not have to do that for me",
-        "I feel so lucky to have them"), (
-        Scenario("A stranger returned the wallet they had lost, with all the cash inside.",
-                 "getting your lost wallet back from a stranger",
-                 "A stranger found my lost wallet and brought it back with all the cash."),
-        Scenario("Their neighbors cooked meals for them while they were ill.",
-                 "having neighbors cook for you while you were ill",
-                 "My neighbors cooked for me every day while I was ill."))),
+        "I feel so lucky to have them")),
     "lonely": Emotion("sadness", "connection and company", (
         "Nobody has texted me in days",
         "I eat dinner by myself every night",
-        "The apartment is so quiet"), (
-        Scenario("They moved to a new city and do not know anyone yet.",
-                 "settling into a new city where you know no one",
-                 "I moved to a new city a month ago and I do not know anyone."),
-        Scenario("All their friends are busy with new families.",
-                 "watching your friends get busy with their families",
-                 "All my friends have kids now and never have time."))),
+        "The apartment is so quiet")),
     "impressed": Emotion("positive", "a chance to learn from it", (
         "I could not believe how good it was",
         "They made it look so easy",
-        "I want to be that skilled one day"), (
-        Scenario("Their younger brother built a working robot for a school fair.",
-                 "seeing the robot your brother built",
-                 "My younger brother built a working robot for his school fair."),
-        Scenario("A street musician played a flawless violin solo.",
-                 "hearing a street musician play a flawless solo",
-                 "A street musician played the most flawless violin solo today."))),
+        "I want to be that skilled one day")),
     "afraid": Emotion("fear", "reassurance and safety", (
         "I keep hearing noises at night",
         "My hands were shaking",
-        "I checked the locks three times"), (
-        Scenario("Someone tried to open their front door late at night.",
-                 "hearing someone try your front door at night",
-                 "Someone tried to open my front door last night."),
-        Scenario("A big dog chased them on their morning run.",
-                 "being chased by a big dog on your run",
-                 "A huge dog chased me on my morning run."))),
+        "I checked the locks three times")),
     "disgusted": Emotion("anger", "distance from what happened", (
         "It made my stomach turn",
         "I could not even look at it",
-        "The smell is still in my head"), (
-        Scenario("They found mold all over the food in the office fridge.",
-                 "finding mold all over the office fridge",
-                 "I opened the office fridge and there was mold everywhere."),
-        Scenario("A restaurant served them soup with a hair in it.",
-                 "finding a hair in your restaurant soup",
-                 "The restaurant served me soup with a hair floating in it."))),
+        "The smell is still in my head")),
     "confident": Emotion("positive", "encouragement to go for it", (
         "I know I can handle it",
         "I have practiced this a hundred times",
-        "I am sure I will nail it"), (
-        Scenario("They have a job interview tomorrow for a role they know well.",
-                 "heading into an interview for a role you know well",
-                 "I have a job interview tomorrow for a role I know inside out."),
-        Scenario("They are giving a talk at a conference they worked on all month.",
-                 "giving a conference talk you worked on all month",
-                 "I give my conference talk on Friday."))),
+        "I am sure I will nail it")),
     "terrified": Emotion("fear", "grounding and a plan", (
         "I could barely breathe",
         "I thought I was going to die",
-        "My whole body froze"), (
-        Scenario("Their plane dropped suddenly in heavy turbulence.",
-                 "living through a sudden drop in turbulence",
-                 "Our plane dropped suddenly in heavy turbulence."),
-        Scenario("They got stuck in an elevator for an hour.",
-                 "being stuck in an elevator for an hour",
-                 "I got stuck in an elevator for a whole hour."))),
+        "My whole body froze")),
     "hopeful": Emotion("positive", "support while you wait", (
         "I think things might finally turn around",
         "This could be the fresh start I needed",
-        "I am keeping my fingers crossed"), (
-        Scenario("They had a good second interview for their dream job.",
-                 "waiting after a good second interview",
-                 "The second interview for my dream job went really well."),
-        Scenario("Their father started a new treatment that seems to work.",
-                 "seeing your father respond to a new treatment",
-                 "My dad started a new treatment and the first results look good."))),
+        "I am keeping my fingers crossed")),
     "anxious": Emotion("fear", "calm and a small next step", (
         "My stomach is in knots",
         "I keep checking my phone every minute",
-        "I barely slept last night"), (
-        Scenario("They are waiting for the results of a medical test.",
-                 "waiting for your medical test results",
-                 "I am still waiting for the results of my medical test."),
-        Scenario("They have to give a speech at their sister's wedding.",
-                 "preparing a speech for your sister's wedding",
-                 "I have to give a speech at my sister's wedding."))),
+        "I barely slept last night")),
     "disappointed": Emotion("sadness", "room to feel the letdown", (
         "I really thought it would work out",
         "All that effort and nothing to show",
-        "It just fell flat"), (
-        Scenario("Their band was not picked for the city festival.",
-                 "hearing your band was not picked for the festival",
-                 "Our band did not get picked for the city festival."),
-        Scenario("Their trip was cancelled at the last minute.",
-                 "having your trip cancelled at the last minute",
-                 "My trip got cancelled at the very last minute."))),
+        "It just fell flat")),
     "joyful": Emotion("positive", "someone to celebrate with", (
         "I feel like dancing",
         "Today has been pure sunshine",
-        "I cannot stop laughing"), (
-        Scenario("Their sister had a healthy baby girl.",
-                 "meeting your new baby niece",
-                 "My sister just had a healthy baby girl."),
-        Scenario("They spent a perfect day at the beach with old friends.",
-                 "spending a perfect beach day with old friends",
-                 "I spent the whole day at the beach with my oldest friends."))),
+        "I cannot stop laughing")),
     "prepared": Emotion("positive", "a final check before the big day", (
         "Everything is packed and labeled",
         "I went over my notes one last time",
-        "I have a backup plan for the backup plan"), (
-        Scenario("They are about to move across the country.",
-                 "getting ready to move across the country",
-                 "I move across the country next week."),
-        Scenario("They have a final exam in statistics tomorrow.",
-                 "facing your statistics final tomorrow",
-                 "My statistics final is tomorrow morning."))),
+        "I have a backup plan for the backup plan")),
     "guilty": Emotion("self", "a way to make amends", (
         "I should have been there",
         "I keep thinking it was my fault",
-        "I cannot look them in the eye"), (
-        Scenario("They forgot their best friend's birthday.",
-                 "forgetting your best friend's birthday",
-                 "I completely forgot my best friend's birthday."),
-        Scenario("They snapped at their mother over the phone.",
-                 "snapping at your mom on the phone",
-                 "I snapped at my mom on the phone last night."))),
+        "I cannot look them in the eye")),
     "furious": Emotion("anger", "space to cool down before acting", (
         "I am shaking with rage",
         "I want to scream",
-        "This is completely unacceptable"), (
-        Scenario("Their landlord kept the deposit for damage they did not cause.",
-                 "losing your deposit for damage you did not cause",
-                 "My landlord kept my whole deposit for damage I never caused."),
-        Scenario("Someone hit their parked car and left no note.",
-                 "finding your parked car hit with no note",
-                 "Someone hit my parked car and left without a note."))),
+        "This is completely unacceptable")),
     "nostalgic": Emotion("sadness", "time with the memories", (
         "It reminded me of summers at my grandma's",
         "Those were simpler days",
-        "I miss how things used to be"), (
-        Scenario("They found old photos from their childhood home.",
-                 "looking through photos of your childhood home",
-                 "I found a box of photos from the house I grew up in."),
-        Scenario("They heard a song from their high school years on the radio.",
-                 "hearing a song from your high school years",
-                 "A song from my high school years came on the radio."))),
+        "I miss how things used to be")),
     "jealous": Emotion("anger", "a kinder look at your own path", (
         "Why does it always work out for them",
         "I wish I had what they have",
-        "I could not even congratulate them properly"), (
-        Scenario("Their coworker got the promotion they wanted.",
-                 "watching a coworker get the promotion you wanted",
-                 "My coworker got the promotion I wanted."),
-        Scenario("Their friend posted photos from a dream vacation.",
-                 "seeing a friend's dream vacation photos",
-                 "My friend keeps posting photos from her dream vacation."))),
+        "I could not even congratulate them properly")),
     "anticipating": Emotion("anticipation", "something to do with the waiting", (
         "I am counting down the days",
         "I keep picturing how it will go",
-        "I have the date circled on my calendar"), (
-        Scenario("Their partner is coming home after six months abroad.",
-                 "waiting for your partner to come home",
-                 "My partner comes home after six months abroad."),
-        Scenario("They are about to open their own bakery.",
-                 "getting close to opening your bakery",
-                 "My bakery opens in two weeks."))),
+        "I have the date circled on my calendar")),
     "embarrassed": Emotion("self", "a lighter view of the moment", (
         "My face went bright red",
         "Everyone was staring at me",
-        "I wanted the floor to swallow me"), (
-        Scenario("They tripped on stage during a school assembly.",
-                 "tripping on stage at the assembly",
-                 "I tripped on stage in front of the whole school."),
-        Scenario("They called their teacher mom in front of the class.",
-                 "calling your teacher mom in class",
-                 "I called my teacher mom in front of the entire class."))),
+        "I wanted the floor to swallow me")),
     "content": Emotion("positive", "time to savor it", (
         "Nothing big, just a calm good day",
         "I have everything I need right now",
-        "I am at peace with how things are"), (
-        Scenario("They spent a quiet Sunday reading in their garden.",
-                 "enjoying a quiet Sunday in your garden",
-                 "I spent a quiet Sunday reading in my garden."),
-        Scenario("They finally settled into a steady routine after a busy year.",
-                 "settling into a steady routine",
-                 "After a busy year I finally have a steady routine."))),
+        "I am at peace with how things are")),
     "devastated": Emotion("sadness", "patience and support", (
         "My world fell apart",
         "I cannot stop crying",
-        "I do not know how to go on"), (
-        Scenario("Their house burned down in a fire.",
-                 "losing your house in a fire",
-                 "Our house burned down last week."),
-        Scenario("Their engagement ended suddenly.",
-                 "having your engagement end suddenly",
-                 "My fiance called off our engagement."))),
+        "I do not know how to go on")),
     "sentimental": Emotion("sadness", "space to treasure the memory", (
         "I teared up holding it",
         "It means more to me than anything",
-        "I keep it by my bed"), (
-        Scenario("They found a letter their late grandfather wrote them.",
-                 "reading a letter from your late grandfather",
-                 "I found a letter my late grandfather wrote to me."),
-        Scenario("Their son gave them his first drawing.",
-                 "receiving your son's first drawing",
-                 "My son gave me the first drawing he ever made."))),
+        "I keep it by my bed")),
     "caring": Emotion("positive", "ways to look after them and yourself", (
         "I just want to make sure they are okay",
         "I made soup and brought it over",
-        "I check on them every morning"), (
-        Scenario("Their elderly neighbor fell and they are helping her recover.",
-                 "helping your elderly neighbor recover",
-                 "My elderly neighbor fell and I am helping her out."),
-        Scenario("Their little brother has the flu and they are looking after him.",
-                 "looking after your little brother with the flu",
-                 "My little brother has the flu and I am looking after him."))),
+        "I check on them every morning")),
     "trusting": Emotion("positive", "confirmation that your trust is well placed", (
         "I gave them my spare key without a second thought",
         "I know they have my back",
-        "I would leave my kids with them any day"), (
-        Scenario("They let their friend manage their savings while they travel.",
-                 "letting your friend handle your savings",
-                 "I am letting my friend manage my savings while I travel."),
-        Scenario("They are letting their teenage son drive the family car alone.",
-                 "letting your son drive the car alone",
-                 "My teenage son is driving the family car alone for the first time."))),
+        "I would leave my kids with them any day")),
     "ashamed": Emotion("self", "kindness toward yourself", (
         "I cannot believe I did that",
         "I hid it from everyone",
-        "I feel so small"), (
-        Scenario("They lied to their partner about losing money gambling.",
-                 "having lied about losing money gambling",
-                 "I lied to my partner about money I lost gambling."),
-        Scenario("They cheated on a test and their teacher found out.",
-                 "being caught cheating on a test",
-                 "My teacher found out I cheated on a test."))),
+        "I feel so small")),
     "apprehensive": Emotion("fear", "a clear picture of what to expect", (
         "I am not sure it is a good idea",
         "Something about it makes me hesitate",
-        "I keep going back and forth"), (
-        Scenario("They are about to have surgery on their knee.",
-                 "facing knee surgery soon",
-                 "I am having knee surgery next month."),
-        Scenario("They agreed to go on a blind date.",
-                 "going on a blind date",
-                 "I agreed to go on a blind date on Saturday."))),
+        "I keep going back and forth")),
     "faithful": Emotion("positive", "support for your commitment", (
         "I have stood by them for ten years",
         "I would never give up on them",
-        "We promised to stick together"), (
-        Scenario("They have visited their friend in the hospital every week for a year.",
-                 "visiting your friend in the hospital every week",
-                 "I have visited my friend in the hospital every week for a year."),
-        Scenario("They stayed with their struggling team through a losing season.",
-                 "standing by your team through a losing season",
-                 "I stayed with our team through the worst season ever."))),
+        "We promised to stick together")),
 }
 
+# Neutral situations: any of the 32 feelings can follow each of them, so only the user's words tell.
+SCENARIOS = (
+    Scenario("Their sister is getting married next month.",
+             "thinking about your sister's wedding next month",
+             "My sister is getting married next month."),
+    Scenario("They started a new job this week.",
+             "starting a new job this week",
+             "I started a new job this week."),
+    Scenario("They moved into a new apartment.",
+             "moving into a new apartment",
+             "I just moved into a new apartment."),
+    Scenario("Their best friend called them late last night.",
+             "taking a late call from your best friend",
+             "My best friend called me late last night."),
+    Scenario("Their team had a long meeting at work.",
+             "coming out of a long team meeting",
+             "We had a long team meeting at work today."),
+    Scenario("Their parents came to stay for the weekend.",
+             "having your parents over for the weekend",
+             "My parents came to stay for the weekend."),
+    Scenario("They got their exam results back.",
+             "getting your exam results back",
+             "I got my exam results back today."),
+    Scenario("Their neighbor knocked on their door this morning.",
+             "talking with your neighbor at the door",
+             "My neighbor knocked on my door this morning."),
+    Scenario("They went to a reunion at their old school.",
+             "going back to your old school for a reunion",
+             "I went to a reunion at my old school."),
+    Scenario("Their manager asked to see them on Friday.",
+             "meeting your manager on Friday",
+             "My manager asked to see me on Friday."),
+    Scenario("They took the long train home to visit family.",
+             "taking the long train home to your family",
+             "I took the long train home to see my family."),
+    Scenario("Their friend borrowed their car for the week.",
+             "lending your car to a friend for the week",
+             "My friend borrowed my car for the week."),
+    Scenario("They spent the day clearing out their grandmother's attic.",
+             "clearing out your grandmother's attic",
+             "I spent the day clearing out my grandmother's attic."),
+    Scenario("Their son started at a new school.",
+             "seeing your son start at a new school",
+             "My son started at a new school on Monday."),
+    Scenario("They hosted a dinner for their coworkers.",
+             "hosting dinner for your coworkers",
+             "I hosted a dinner for my coworkers on Saturday."),
+    Scenario("Their band played its first gig.",
+             "playing your band's first gig",
+             "My band played its first gig last night."),
+)
+
 EXPLICIT_FRAMES = ("Honestly, I feel {label}.", "If I had to name it, I would say {label}.",
-                   "The only word I have for it is {label}.")
+                   "The only word I have for it is {label}.", "I still feel {label}.")
 FOLLOW_UP_FRAMES = ("{cue}.", "{cue}, and I keep replaying it.", "Sorry, it is a lot. {cue}.",
                     "{filler} {cue}.", "Thanks for listening. {cue}.")
 FILLERS = ("It has been a long week.", "I told my sister about it too.", "I am still thinking about it.",
            "I went for a walk to clear my head.")
 UNDERSTANDING_FRAMES = ("You are {gist}.", "This is about {gist}.")
-REASONING_CUE_FRAMES = ("'{cue}' points to {label}", "'{cue}' sounds {label}")
+REASONING_CUE_FRAMES = ("It sounds {label}: '{cue}'", "I hear {label} in '{cue}'")  # label first: no copy before it
 REASONING_NAMED_FRAMES = ("You named it: {label}", "In your words it is {label}")
 VALIDATIONS = {
     "positive": ("That is wonderful news.", "I love hearing this.", "What a great moment for you."),
@@ -467,10 +335,10 @@ def _sentence(text: str) -> str:
 
 
 def _assistant_turn(rng: random.Random, label: str, emotion: Emotion, scenario: Scenario, persona: Persona,
-                    cue: str | None, xml_tags: bool) -> str:
-    """Four short spans; `cue` is the cue of the user message being answered (None: the label was named)."""
+                    cue: str, named: bool, xml_tags: bool) -> str:
+    """Four short spans answering a user message that holds `cue` (and, if `named`, the label)."""
     understanding = rng.choice(UNDERSTANDING_FRAMES).format(gist=scenario.gist)
-    if cue is None:
+    if named:
         evidence = rng.choice(REASONING_NAMED_FRAMES).format(label=label)
     else:
         evidence = rng.choice(REASONING_CUE_FRAMES).format(cue=cue, label=label)
@@ -483,59 +351,93 @@ def _assistant_turn(rng: random.Random, label: str, emotion: Emotion, scenario: 
     return "".join(f"<|{name}_begin|>{spans[name]}<|{name}_end|>" for name in SPAN_NAMES)
 
 
-def make_dialogue(rng: random.Random, label: str, scenario_index: int, persona: Persona, anon_username: str,
-                  names_emotion: bool, xml_tags: bool) -> dict:
-    """One KardiaBench-schema row. If `names_emotion`, the first user message names the feeling."""
+def make_dialogue(rng: random.Random, label: str, scenario: Scenario, persona: Persona, anon_username: str,
+                  names_from: int | None, xml_tags: bool) -> dict:
+    """One KardiaBench-schema row. Every user message holds one of the label's cues; from the
+    `names_from`-th message on (0-based; None: never) the user also names the feeling."""
     emotion = EMOTION_BANK[label]
-    scenario = emotion.scenarios[scenario_index]
     cues = list(emotion.cues)
     rng.shuffle(cues)
+    pairs = rng.choice(PAIRS_PER_DIALOGUE)
     messages = [{"role": "system", "content": system_message(person_text(persona), scenario.situation,
                                                               anon_username)}]
-    for pair in range(rng.choice(PAIRS_PER_DIALOGUE)):
+    for pair in range(pairs):
         cue = cues[pair % len(cues)]
         if pair == 0:
-            named = f" {rng.choice(EXPLICIT_FRAMES).format(label=label)}" if names_emotion else ""
-            user = f"{scenario.opener}{named} {cue}."
+            user = f"{scenario.opener} {_sentence(cue)}."
         else:
             user = rng.choice(FOLLOW_UP_FRAMES).format(cue=_sentence(cue), filler=rng.choice(FILLERS))
+        named = names_from is not None and pair >= names_from
+        if named:
+            user = f"{user} {rng.choice(EXPLICIT_FRAMES).format(label=label)}"
         messages.append({"role": "user", "content": user})
-        answered_cue = None if names_emotion and pair == 0 else cue
         messages.append({"role": "assistant", "content": _assistant_turn(rng, label, emotion, scenario, persona,
-                                                                          answered_cue, xml_tags)})
+                                                                          cue, named, xml_tags)})
     return {"person": person_text(persona), "mbti": persona.mbti, "emotion": label,
             "situation": scenario.situation, "anon_username": anon_username, "messages": messages}
 
 
+def _groups(rng: random.Random, personas: list[int], num_dialogues: int) -> list[int]:
+    """The persona of each dialogue, grouped: every persona gets two or three dialogues in a row (one
+    conversation partner telling one situation several times, each time with another feeling)."""
+    sizes = [3] * (num_dialogues - 2 * len(personas)) + [2] * (3 * len(personas) - num_dialogues)
+    if len(sizes) != len(personas) or min(sizes, default=2) < 2:
+        raise ValueError(f"{num_dialogues} dialogues do not split into groups of 2-3 over {len(personas)} personas.")
+    rng.shuffle(sizes)
+    return [p for p, size in zip(personas, sizes) for _ in range(size)]
+
+
+def _assign_labels(rng: random.Random, groups: list[int], scenario_of: dict[int, int], labels: list[str],
+                   forbidden: set[tuple[int, str]]) -> list[str]:
+    """A label per dialogue of `groups` (a persona per dialogue) out of `labels` (used once each):
+    different labels within a persona's group, and no (situation, label) pair from `forbidden`."""
+    for _ in range(1000):
+        order = list(labels)
+        rng.shuffle(order)
+        seen: set[tuple[int, str]] = set()
+        ok = True
+        for persona, label in zip(groups, order):
+            pair = (scenario_of[persona], label)
+            if pair in seen or pair in forbidden:
+                ok = False
+                break
+            seen.add(pair)
+        if ok:
+            return order
+    raise RuntimeError("No label assignment meets the constraints; change SEED.")
+
+
 def build_sample(seed: int = SEED) -> tuple[list[dict], list[dict]]:
-    """(train rows, test rows), deterministic in `seed`."""
+    """(train rows, test rows), deterministic in `seed`.
+
+    Every persona tells one situation in two or three dialogues, each with a different label, so the
+    system message (persona + situation) never gives the label away: only the user's words do."""
     rng = random.Random(seed)
     persona_order = list(range(len(PERSONAS)))
     rng.shuffle(persona_order)
     test_personas, train_personas = persona_order[:NUM_TEST_PERSONAS], persona_order[NUM_TEST_PERSONAS:]
     usernames = {i: f"user_{rng.randrange(16 ** 6):06x}" for i in persona_order}
+    scenario_order = list(range(len(SCENARIOS)))
+    rng.shuffle(scenario_order)
+    scenario_order += rng.sample(range(len(SCENARIOS)), len(PERSONAS) - len(SCENARIOS))
+    scenario_of = dict(zip(persona_order, scenario_order))  # every situation once or twice
 
-    test_labels = set(rng.sample(EMOTIONS, NUM_TEST_EMOTIONS))
-    test_jobs, train_jobs = [], []  # (label, scenario index)
-    for label in EMOTIONS:
-        scenarios = [0, 1]
-        rng.shuffle(scenarios)
-        if label in test_labels:
-            test_jobs.append((label, scenarios[0]))
-            train_jobs.append((label, scenarios[1]))
-        else:
-            train_jobs.extend((label, s) for s in scenarios)
+    test_labels = rng.sample(EMOTIONS, NUM_TEST_EMOTIONS)
+    train_labels = list(EMOTIONS) + test_labels
+    test_groups = _groups(rng, test_personas, len(test_labels))
+    train_groups = _groups(rng, train_personas, len(train_labels))
+    test_order = _assign_labels(rng, test_groups, scenario_of, test_labels, set())
+    train_order = _assign_labels(rng, train_groups, scenario_of, train_labels,
+                                 {(scenario_of[p], label) for p, label in zip(test_groups, test_order)})
 
     splits = []
-    for jobs, personas in ((train_jobs, train_personas), (test_jobs, test_personas)):
-        rng.shuffle(jobs)
-        names_emotion = [i % 2 == 0 for i in range(len(jobs))]
-        rng.shuffle(names_emotion)
+    for groups, labels in ((train_groups, train_order), (test_groups, test_order)):
+        names_from = [NAMES_FROM[i % len(NAMES_FROM)] for i in range(len(groups))]
+        rng.shuffle(names_from)
         rows = []
-        for i, (label, scenario_index) in enumerate(jobs):
-            persona_index = personas[i % len(personas)]
-            rows.append(make_dialogue(rng, label, scenario_index, PERSONAS[persona_index], usernames[persona_index],
-                                      names_emotion[i], rng.random() < XML_TAG_FRACTION))
+        for i, (persona_index, label) in enumerate(zip(groups, labels)):
+            rows.append(make_dialogue(rng, label, SCENARIOS[scenario_of[persona_index]], PERSONAS[persona_index],
+                                      usernames[persona_index], names_from[i], rng.random() < XML_TAG_FRACTION))
         _check_label_words(rows)
         splits.append(rows)
     return splits[0], splits[1]

@@ -1,5 +1,6 @@
 """Data: schema validation, sources, turn samples, the shipped sample and the Grain pipelines."""
 
+import collections
 import importlib.util
 import json
 import pathlib
@@ -211,6 +212,28 @@ def test_shipped_sample_covers_all_emotions_with_disjoint_personas():
     assert {s.difficulty for s in samples} == {"easy", "hard"}
 
 
+def test_shipped_sample_label_comes_from_the_user_words_not_the_system_message():
+    train, _ = sources.load_dialogues(sources.sample_path(), "train")
+    test, _ = sources.load_dialogues(sources.sample_path(), "test")
+    labels_by_system = collections.defaultdict(set)
+    for d in train:
+        labels_by_system[d.messages[0]["content"]].add(d.emotion)
+    assert all(len(labels) >= 2 for labels in labels_by_system.values())  # persona + situation: no label
+    assert not {(d.situation, d.emotion) for d in test} & {(d.situation, d.emotion) for d in train}
+
+    def user_text(dialogues, label):
+        return " ".join(m["content"] for d in dialogues if d.emotion == label
+                        for m in d.messages if m["role"] == "user")
+
+    module = _load_script("make_sample_data")
+    for d in test:  # every test label is in train, with the same cues
+        cues = module.EMOTION_BANK[d.emotion].cues
+        assert all(cue in user_text(train, d.emotion) for cue in cues)
+        assert any(cue in user_text(test, d.emotion) for cue in cues)
+    samples = prompts.expand_dialogues(test)
+    assert 0.25 <= np.mean([s.difficulty == "hard" for s in samples]) <= 0.75
+
+
 def test_committed_sample_equals_a_fresh_run_of_the_script():
     module = _load_script("make_sample_data")
     for name, rows in zip(("train", "test"), module.build_sample()):
@@ -227,7 +250,7 @@ def _order(pipe):
 
 def test_shuffle_is_deterministic_per_seed(train_samples, tokenizer):
     def order(seed):
-        config = pipeline.BatchConfig(global_batch_size=4, max_length=512, seed=seed)
+        config = pipeline.BatchConfig(global_batch_size=2, max_length=512, seed=seed)  # divides the sample count
         return _order(pipeline.grpo_pipeline(train_samples, tokenizer, config, subset="all", process_index=0,
                                              process_count=1))
 
