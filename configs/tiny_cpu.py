@@ -4,10 +4,9 @@
     python -m kardia_jax.train --config=configs/tiny_cpu.py
 
 Runs in minutes on a 2-core laptop. SFT takes 4-7 minutes there and lifts the test split's
-format-valid rate from 0 to ~0.9 and its emotion accuracy from 0 to ~0.4
-(chance: 1/32), mostly on the turns where the user names the feeling. There is no real judge to load
-offline, so a frozen copy of the SFT policy reads the rubric: the pipeline is the real one, the rubric
-scores are not meaningful.
+format-valid rate from 0 to ~0.9 and its emotion accuracy from 0 to ~0.4 (chance: 1/32), mostly on
+the turns where the user names the feeling. There is no real judge to load offline, so a frozen copy
+of the SFT policy reads the rubric: the pipeline is the real one, the rubric scores are not meaningful.
 """
 
 from kardia_jax.config import base_config
