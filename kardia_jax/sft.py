@@ -213,7 +213,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
 
         optimizer = training.make_optimizer(sft.learning_rate, warmup_steps, total_steps, sft.weight_decay,
                                             sft.grad_clip)
-        opt_state = jax.jit(optimizer.init)(params)
+        opt_state = training.init_optimizer(optimizer, params)
         iterator = iter(pipeline)
         ckpt = checkpoints.Checkpointer(workdir, save_interval_steps=sft.save_every,
                                         max_to_keep=_option(sft, "max_to_keep", 3))

@@ -303,7 +303,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 f"{g.prompts_per_step}; lower prompts_per_step or use another subset."
             )
         optimizer = training.make_optimizer(g.learning_rate, g.warmup_steps, total_steps, g.weight_decay, g.grad_clip)
-        opt_state = jax.jit(optimizer.init)(params)
+        opt_state = training.init_optimizer(optimizer, params)
         steps = Steps(graphdef, params, judge, tokenizer, config, optimizer)
 
         iterator = iter(pipeline)

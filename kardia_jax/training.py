@@ -6,7 +6,7 @@ batches on the mesh, resuming from a checkpoint, and saving the result for the n
         model, tokenizer = load_policy(config, mesh)           # sharded Decoder + its tokenizer
         graphdef, params = nnx.split(model)
         optimizer = make_optimizer(lr, warmup_steps, total_steps, weight_decay, grad_clip)
-        opt_state = jax.jit(optimizer.init)(params)
+        opt_state = init_optimizer(optimizer, params)         # moments sharded like the params
         batch = shard_batch(host_batch, mesh)                  # [B, ...] numpy -> batch over (data, fsdp)
 
 Gradient accumulation is the trainer's job, not the optimizer's: each trainer runs its microbatches
@@ -171,6 +171,27 @@ def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, we
     if grad_clip and grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
     return adamw
+
+
+def optimizer_shardings(optimizer: optax.GradientTransformation, params):
+    """Shardings of `optimizer.init(params)`'s state: every params-shaped tree (Adam's moments) like the
+    params, everything else (step counts) replicated over the params' mesh. `params` holds jax.Arrays
+    or ShapeDtypeStructs with shardings."""
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, sharding_: sharding_,
+        jax.eval_shape(optimizer.init, params),
+        param_shardings,
+        transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+    )
+
+
+def init_optimizer(optimizer: optax.GradientTransformation, params):
+    """The optimizer state, laid out by `optimizer_shardings`. (A plain `jax.jit(optimizer.init)` puts
+    state that does not depend on the params' values on one device: a 7B model's Adam moments on one chip.)"""
+    return jax.jit(optimizer.init, out_shardings=optimizer_shardings(optimizer, params))(params)
 
 
 # -- batches -------------------------------------------------------------------------------------

@@ -104,6 +104,27 @@ def test_completion_logprobs_read_each_prompt_once_and_equal_full_sequences():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
 
 
+def test_optimizer_state_is_sharded_like_the_params():
+    """Adam's moments follow the params' shardings (a plain jit of optimizer.init puts them on one device)."""
+    from kardia_jax import sharding, training
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    with jax.set_mesh(mesh):
+        model = training.init_model(preset("tiny-qwen2"), mesh, sharding.DEFAULT_RULES)
+    params = nnx.split(model)[1]
+    optimizer = training.make_optimizer(1e-3, 2, 10, 0.1, 1.0)
+    state = training.init_optimizer(optimizer, params)
+    adam = state[1][0]
+    for moments in (adam.mu, adam.nu):
+        jax.tree.map(lambda m, p: assert_same_sharding(m.sharding, p.sharding, m.ndim), moments, params)
+    assert adam.count.sharding.is_fully_replicated and len(adam.count.sharding.device_set) == 8
+    assert params["layers"]["q"].get_value().sharding.spec != jax.sharding.PartitionSpec()  # the check is not vacuous
+
+
+def assert_same_sharding(a, b, ndim):
+    assert a.is_equivalent_to(b, ndim), (a, b)
+
+
 def test_short_run_logs_checkpoints_and_resumes(tmp_path):
     config = tiny_config(tmp_path, max_steps=2)
     first = train.run(config)
