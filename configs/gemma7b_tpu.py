@@ -1,4 +1,4 @@
-"""Kardia-R1 with Gemma-7B (Qwen3-8B judge, re-tokenized on the host: different vocabulary) on a v5e-16 slice.
+"""Kardia-R1 with Gemma-7B (Qwen3-8B judge, re-tokenized on the host: different vocabulary) on a v5e-32 slice.
 
     python -m kardia_jax.sft --config=configs/gemma7b_tpu.py
     python -m kardia_jax.train --config=configs/gemma7b_tpu.py
@@ -10,4 +10,4 @@ from kardia_jax.config import paper_tpu_config
 
 
 def get_config():
-    return paper_tpu_config(policy="google/gemma-7b-it", topology="v5e:4x4", workdir="runs/gemma7b_tpu")
+    return paper_tpu_config(policy="google/gemma-7b-it", topology="v5e:4x8", tensor=4, workdir="runs/gemma7b_tpu")

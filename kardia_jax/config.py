@@ -119,15 +119,20 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def paper_tpu_config(*, policy: str, topology: str, workdir: str, judge: str = "Qwen/Qwen3-8B") -> ml_collections.ConfigDict:
+def paper_tpu_config(*, policy: str, topology: str, workdir: str, judge: str = "Qwen/Qwen3-8B",
+                     tensor: int = 1) -> ml_collections.ConfigDict:
     """The paper's SFT and GRPO settings for a real backbone on a TPU slice.
 
     policy / judge: HF checkpoints (hub id, local dir or gs://). Parameters are float32 masters with
-    bfloat16 compute; the frozen judge and reference are stored in bfloat16. Pure FSDP over all chips.
+    bfloat16 compute; the frozen judge and reference are stored in bfloat16. FSDP over the chips, times
+    `tensor`-way tensor parallelism: the sampler gathers a layer's weights over the fsdp axis only, so
+    tensor > 1 divides the gathered bf16 weights (a 7B policy's are ~14 GiB) by `tensor`.
+    Check a config against its topology with `python scripts/aot_compile.py --config=...`.
     """
     c = base_config()
     c.workdir = workdir
     c.topology = topology
+    c.mesh.tensor = tensor
     c.distributed = True
     c.model.hf_path = policy
     c.model.dtype = "bfloat16"

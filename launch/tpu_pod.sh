@@ -3,7 +3,7 @@
 # them (JAX's multi-controller runtime: every host runs the same command).
 #
 #   launch/tpu_pod.sh NAME ZONE ACCELERATOR_TYPE CONFIG [JOB] [-- extra flags]
-#   launch/tpu_pod.sh kardia-v5e16 us-west4-a v5litepod-16 configs/qwen7b_tpu.py train \
+#   launch/tpu_pod.sh kardia-v5e32 us-west4-a v5litepod-32 configs/qwen7b_tpu.py train \
 #       -- --config.workdir=gs://my-bucket/kardia/qwen7b
 #
 # JOB is sft or train (default train). Needs gcloud with a project set; the repo is copied from here.

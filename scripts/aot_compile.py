@@ -38,6 +38,7 @@ def parse_args():
     p.add_argument("--judge_preset", default="qwen3-8b", help="the judge's architecture ('' if the config has none)")
     p.add_argument("--prompt_len", type=int, default=1024, help="prompt bucket P (tokens)")
     p.add_argument("--phases", default="sample,reference,update")
+    p.add_argument("--topology", default="", help="a TPU topology instead of the config's (e.g. v5e:4x8)")
     p.add_argument("--mesh", default="", help="data,fsdp,tensor sizes instead of the config's (e.g. 1,4,4)")
     p.add_argument("--hbm_gib", type=float, default=16.0, help="HBM per chip (v5e: 16, v5p: 95, v6e: 32)")
     p.add_argument("--libtpu_dir", default="", help="directory holding an unpacked `libtpu` package")
@@ -115,13 +116,14 @@ def main():
 
     config = load_config(ARGS.config)
     g = config.grpo
-    devices = topologies.get_topology_desc(topology_name=config.topology, platform="tpu").devices
+    topology = ARGS.topology or config.topology
+    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
     sizes = [int(x) for x in ARGS.mesh.split(",")] if ARGS.mesh else [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
     mesh = sharding.make_mesh(*sizes, devices=devices)
     rules = sharding.rules_from_config(config.rules)
     model_config = preset(ARGS.preset, **training.model_overrides(config.model))
     b, n, p, t = g.prompts_per_step, g.prompts_per_step * g.num_samples, ARGS.prompt_len, g.max_new_tokens
-    print(f"jax {jax.__version__}; {ARGS.config}: {config.topology} ({len(devices)} x {devices[0].device_kind}), mesh "
+    print(f"jax {jax.__version__}; {ARGS.config}: {topology} ({len(devices)} x {devices[0].device_kind}), mesh "
           f"{dict(mesh.shape)}; policy {ARGS.preset} ({model_config.num_params() / 1e9:.2f} B params, "
           f"{model_config.param_dtype} params, {model_config.dtype} compute, remat {model_config.remat}); "
           f"{b} prompts x {p} tokens, G={g.num_samples}, {t} new tokens, {g.num_minibatches} minibatches")
