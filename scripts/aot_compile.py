@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
-import sys
 import time
+
+from tpu_aot import abstract_params, setup_libtpu
 
 
 def parse_args():
@@ -46,19 +46,13 @@ def parse_args():
 
 
 ARGS = parse_args()
-if ARGS.libtpu_dir:
-    sys.path.insert(0, ARGS.libtpu_dir)
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is only a compile target here
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_WORKER_ID", "0")
+setup_libtpu(ARGS.libtpu_dir)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from kardia_jax import sharding, training  # noqa: E402
-from kardia_jax.models import Decoder, preset  # noqa: E402
+from kardia_jax.models import preset  # noqa: E402
 from kardia_jax.models.config import DTYPES  # noqa: E402
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path  # noqa: E402
 from kardia_jax.train import Rollout, Steps  # noqa: E402
@@ -77,18 +71,6 @@ def spec(shape, dtype, mesh, axes=None):
     """A ShapeDtypeStruct sharded by logical `axes` (None: replicated)."""
     partition = sharding.logical_to_spec(axes, shape, sharding.DEFAULT_RULES, dict(mesh.shape)) if axes else jax.sharding.PartitionSpec()
     return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(mesh, partition))
-
-
-def abstract_params(model_config, rules, mesh):
-    """The policy's parameters as sharded ShapeDtypeStructs, and its graph."""
-    model = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0), rules=rules))
-    graphdef, state = nnx.split(model)
-    shardings = sharding.state_shardings(state, rules, mesh)
-    state = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s)),
-        state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    return graphdef, state
 
 
 def bytes_per_chip(tree) -> int:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
+
+from tpu_aot import abstract_params, setup_libtpu
 
 
 def parse_args():
@@ -41,13 +42,7 @@ def parse_args():
 
 
 ARGS = parse_args()
-if ARGS.libtpu_dir:
-    sys.path.insert(0, ARGS.libtpu_dir)
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is only a compile target here
-# libtpu looks for TPU VM metadata at start-up; these keep it from complaining on a non-TPU host.
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_WORKER_ID", "0")
+setup_libtpu(ARGS.libtpu_dir)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -61,11 +56,8 @@ from kardia_jax.models import Decoder, positions_from_mask, preset  # noqa: E402
 GIB = 1 << 30
 
 
-def abstract_model(num_layers: int, rules):
-    config = preset(ARGS.preset, num_layers=num_layers, param_dtype="bfloat16", dtype="bfloat16", remat=ARGS.remat)
-    model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), rules=rules))
-    graphdef, state = nnx.split(model)
-    return config, graphdef, state
+def model_config(num_layers: int):
+    return preset(ARGS.preset, num_layers=num_layers, param_dtype="bfloat16", dtype="bfloat16", remat=ARGS.remat)
 
 
 def step_fn(graphdef, grad: bool):
@@ -120,7 +112,8 @@ def cpu_part():
           f"batch {ARGS.batch} x {ARGS.length} tokens, target_logprobs chunk {ARGS.chunk}")
     for kind in ("forward",) + (("grad",) if ARGS.grad else ()):
         for layers in [int(x) for x in ARGS.layers.split(",")]:
-            config, graphdef, state = abstract_model(layers, rules=None)
+            config = model_config(layers)
+            graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
             (trace, lower, comp), compiled = timed_compile(step_fn(graphdef, kind == "grad"), state, *token_specs())
             print(f"  {kind:7s} {layers:3d} layers ({config.num_params() / 1e9:5.2f} B params): "
                   f"trace {trace:6.2f} s  lower {lower:6.2f} s  compile {comp:6.2f} s")
@@ -151,12 +144,9 @@ def tpu_part():
     print(f"== TPU AOT: topology {ARGS.tpu_topology} ({len(devices)} x {devices[0].device_kind}), mesh "
           f"{dict(mesh.shape)}, {ARGS.preset} {layers} layers, bf16, batch {ARGS.batch} x {ARGS.length}, remat {ARGS.remat}")
     rules = sharding.DEFAULT_RULES
-    config, graphdef, state = abstract_model(layers, rules=rules)
-    shardings = sharding.state_shardings(state, rules, mesh)
-    state = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s)),
-        state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+    config = model_config(layers)
+    graphdef, state = abstract_params(config, rules, mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_spec = sharding.logical_to_spec(("activation_batch", "activation_length"), (ARGS.batch, ARGS.length), rules, dict(mesh.shape))
     tokens = token_specs(NamedSharding(mesh, batch_spec))
     for kind in ("forward",) + (("grad",) if ARGS.grad else ()):

@@ -113,7 +113,8 @@ PRESETS: dict[str, ModelConfig] = {
         "tiny-qwen2": ModelConfig("qwen2", 4096, 64, 2, 4, 2, 16, 128, 10_000.0, 1e-6, False),
         "tiny-qwen3": ModelConfig("qwen3", 4096, 64, 2, 4, 2, 32, 128, 1_000_000.0, 1e-6, True),
         "tiny-gemma": ModelConfig("gemma", 4096, 64, 2, 4, 1, 16, 128, 10_000.0, 1e-6, True),
-        # The CPU demo's policy: ~1.3M parameters over the shipped 2,135-token tokenizer (vocab padded to 64).
+        # The CPU demo's policy: ~1.3M parameters; its 2176 embedding rows cover the shipped 1,872-id
+        # tokenizer (the ids past it map to no text; SFT drives their probability down).
     "tiny-kardia": ModelConfig("qwen2", 2176, 128, 4, 4, 2, 32, 384, 10_000.0, 1e-6, True),
     # The workload of the sampler / GRPO benchmarks ("bench-tiny").
         "bench-tiny": ModelConfig("qwen2", 8192, 256, 4, 4, 2, 64, 1024, 10_000.0, 1e-6, False),
