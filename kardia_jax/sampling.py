@@ -138,7 +138,6 @@ def sample(model: Decoder, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
     hidden, cache = model.prefill(prompt_tokens, positions, prompt_mask)
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # [B, V]
 
-    # Fan out: the prompt cache becomes the shared prefix of the G samples' own caches.
     logits = jnp.repeat(logits, g, axis=0)  # [B·G, V]
     next_position = jnp.repeat(positions[:, -1] + 1, g)  # [B·G]
     n = b * g
@@ -168,21 +167,21 @@ def sample(model: Decoder, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
         )
         return Carry(c.step + 1, cache, step_logits[:, 0], tokens, mask, logprobs, done)
 
+    span = max(1, math.ceil(t_new / max(1, config.decode_segments)))  # new tokens per cache block
+    # Fan out: the prompt cache becomes the shared prefix of the G samples' first block.
     c = Carry(
         step=jnp.zeros((), jnp.int32),
-        cache=cache,
+        cache=model.constrain_cache(fan_out_prefix(cache, g, min(span, t_new))),
         logits=logits,
         tokens=jnp.full((n, t_new), config.pad_id, jnp.int32),
         mask=jnp.zeros((n, t_new), jnp.int32),
         logprobs=jnp.zeros((n, t_new), jnp.float32),
         done=jnp.zeros((n,), bool),
     )
-    span = max(1, math.ceil(t_new / max(1, config.decode_segments)))
     for start in range(0, t_new, span):
         stop = min(start + span, t_new)
-        # The previous block (or, first, the prompt cache fanned out to G rows) joins the prefixes.
-        cache = fan_out_prefix(c.cache, g if start == 0 else 1, stop - start)
-        c = c._replace(cache=model.constrain_cache(cache))
+        if start:  # the finished block joins the read-only prefixes of a fresh one
+            c = c._replace(cache=model.constrain_cache(fan_out_prefix(c.cache, 1, stop - start)))
         c = jax.lax.while_loop(lambda c, stop=stop: (c.step < stop) & ~jnp.all(c.done), body, c)
     return SampleOutput(c.tokens, c.mask, c.logprobs, c.mask.sum(-1), ~c.done)
 

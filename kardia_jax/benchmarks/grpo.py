@@ -128,7 +128,8 @@ class KardiaGRPO:
         from kardia_jax.grpo import group_advantages
         from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
         from kardia_jax.sampling import make_sampler
-        from kardia_jax.train import Steps
+        from kardia_jax.models.config import DTYPES
+        from kardia_jax.train import Steps, reference_params
 
         self.num_prompts, self.num_samples, self.new_tokens = prompts.shape[0], num_samples, new_tokens
         self.model_config = model.config
@@ -140,7 +141,7 @@ class KardiaGRPO:
         # uncommitted arguments once and committed ones next compiles twice (the run loop's params are sharded).
         device = jax.devices()[0]
         self.params = jax.device_put(params, device)
-        self.ref_params = jax.tree.map(jnp.copy, self.params)  # the update donates the policy's buffers
+        self.ref_params = reference_params(self.params, DTYPES[model.config.dtype])  # as the trainer makes it
         optimizer = training.make_optimizer(g.learning_rate, g.warmup_steps, total_steps, g.weight_decay, g.grad_clip)
         self.opt_state = jax.device_put(jax.jit(optimizer.init)(self.params), device)
         self.steps = Steps(graphdef, self.params, None, self.tokenizer, self.config, optimizer)

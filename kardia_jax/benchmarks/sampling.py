@@ -23,6 +23,7 @@ flags.DEFINE_integer("prompt_len", 128, "Prompt length.")
 flags.DEFINE_integer("num_samples", 8, "Samples per prompt (G).")
 flags.DEFINE_integer("new_tokens", 128, "New tokens per sample.")
 flags.DEFINE_integer("repeats", 3, "Timed runs (median is reported).")
+flags.DEFINE_integer("decode_segments", SamplingConfig.decode_segments, "kardia_jax's SamplingConfig.decode_segments.")
 FLAGS = flags.FLAGS
 
 
@@ -34,7 +35,8 @@ def main(_):
     prompts = random_prompts(FLAGS.num_prompts, FLAGS.prompt_len, ours.config.vocab_size)
     generated = FLAGS.num_prompts * FLAGS.num_samples * FLAGS.new_tokens
 
-    config = SamplingConfig(num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.new_tokens, temperature=1.0)
+    config = SamplingConfig(num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.new_tokens, temperature=1.0,
+                            decode_segments=FLAGS.decode_segments)
     graphdef, params = nnx.split(ours)
     sampler = make_sampler(graphdef, config)
     tokens, mask = jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32)
@@ -67,7 +69,8 @@ def main(_):
 
     t_hf = median_time(run_hf, FLAGS.repeats)
     print(f"device: {jax.devices()[0].platform} x{jax.device_count()}, torch threads: {cores}")
-    print(f"workload: {FLAGS.num_prompts} prompts x {FLAGS.prompt_len} tokens, G={FLAGS.num_samples}, {FLAGS.new_tokens} new tokens")
+    print(f"workload: {FLAGS.num_prompts} prompts x {FLAGS.prompt_len} tokens, G={FLAGS.num_samples}, {FLAGS.new_tokens} new tokens; "
+          f"decode segments {FLAGS.decode_segments}")
     print(f"kardia_jax sampler:      {t_ours:.3f} s  {generated / t_ours:,.0f} generated tokens/s")
     print(f"transformers.generate:   {t_hf:.3f} s  {generated / t_hf:,.0f} generated tokens/s")
     print(f"sampling speedup vs transformers: {t_hf / t_ours:.2f}")

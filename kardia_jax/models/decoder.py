@@ -18,8 +18,9 @@ A KV cache (for sampling) is a dict
                                     left-padded)
 With a cache the layers are unrolled rather than scanned: one buffer per layer is updated in place,
 where slicing a stacked [L, ...] cache inside a scan costs a copy of the layer's cache per step (3x
-slower decode on CPU). Sampler compile time therefore grows with depth; training forwards (no cache)
-stay scanned.
+slower decode on CPU). A step writes its new keys/values into the buffer first and then reads the
+buffer, so the update needs no copy. Sampler compile time therefore grows with depth; training
+forwards (no cache) stay scanned unless `ModelConfig.scan_layers` is False.
 """
 
 from __future__ import annotations
@@ -357,7 +358,8 @@ class Decoder(nnx.Module):
         Rows r·F … r·F + F - 1 of `tokens` (F = N // B) continue prefix row r, e.g. the G completions
         of one GRPO prompt. Each layer runs on a prefix once, not F times, and the continuations attend
         causally to each other and to their prefix's valid columns in place (see `attend`); in the
-        backward the prefix's keys and values gather the gradients of all F rows. Layers are scanned.
+        backward the prefix's keys and values gather the gradients of all F rows. Layers go through
+        `lax.scan` as in `_scan_layers`.
         prefix*: [B, P]; tokens, positions, input_mask: [N, T].
         """
         layer_fn = self._layer_fn()
@@ -406,9 +408,9 @@ class Decoder(nnx.Module):
     ) -> tuple[jax.Array, dict | None]:
         """Final-normed hidden states [N, T, D] and the updated cache (None without one).
 
-        tokens, positions, input_mask: [N, T]. With a cache the T tokens attend to every valid cached
-        column (its own and its prefixes') and are then written at columns [end, end + T); a cache
-        with no columns of its own (prefixes only) is returned as it is. `layers`: `layer_params()`,
+        tokens, positions, input_mask: [N, T]. With a cache the T tokens are written at columns
+        [end, end + T) of its own buffers and attend to every valid column there (causally) and in its
+        prefixes; a cache with no columns of its own (prefixes only) is read and returned as it is. `layers`: `layer_params()`,
         sliced once by a caller that runs many steps.
         """
         if cache is None:
