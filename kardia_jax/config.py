@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     # recomputes them with a teacher-forced forward (worth it when sampling runs in lower precision).
     c.grpo.recompute_old_logprobs = False
     c.grpo.num_minibatches = 1  # gradient accumulation inside one update
+    # Completion positions per chunk of the vocab projection (reference logprobs and the update's fused
+    # loss): a chunk's [rows, chunk, V] float32 logits are the largest temporary of those passes.
+    c.grpo.logits_chunk_size = 32
     c.grpo.max_new_tokens = 256
     c.grpo.temperature = 1.0
     c.grpo.top_k = 0

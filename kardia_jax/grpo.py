@@ -169,21 +169,94 @@ def loss_normalizers(
     )
 
 
-def _token_weights(mask: jax.Array, aggregation: str, norm: LossNormalizers) -> jax.Array:
-    """[N, T] weights w such that the aggregated loss is sum(w * per_token_loss)."""
-    if aggregation == "token_mean":
-        return mask / norm.num_tokens
-    if aggregation == "seq_mean_token_mean":
+class TokenTerms(NamedTuple):
+    """What the per-token loss needs besides the logprobs, every field [N, T] float32 (so a chunk of
+    positions of each can be taken together): see `token_terms`."""
+
+    mask: jax.Array  # the effective completion mask (truncated rows zeroed if configured)
+    weights: jax.Array  # w with loss = sum(w * per-token loss), from the aggregation mode
+    advantages: jax.Array  # each sequence's advantage, repeated over its positions
+
+
+def token_terms(
+    completion_mask: jax.Array,
+    advantages: jax.Array,
+    config: GRPOConfig,
+    truncated: jax.Array | None = None,
+    normalizers: LossNormalizers | None = None,
+) -> TokenTerms:
+    """The [N, T] terms of `token_loss` for a batch (completion_mask [N, T], advantages [N]).
+
+    normalizers: the full batch's `loss_normalizers` when this is one of several minibatches (default:
+    this batch's own). Aggregation weights of the per-token losses l (m = mask, n_i = tokens of sequence i):
+      token_mean           sum(l * m) / num_tokens
+      seq_mean_token_mean  sum_i [sum_t l * m / max(n_i, 1)] / num_sequences
+      dr_grpo              sum(l * m) / (num_sequences * max_completion_len)
+    """
+    mask = effective_mask(completion_mask, config, truncated)  # [N, T]
+    norm = normalizers if normalizers is not None else loss_normalizers(completion_mask, config, truncated)
+    if config.loss_aggregation == "token_mean":
+        weights = mask / norm.num_tokens
+    elif config.loss_aggregation == "seq_mean_token_mean":
         seq_len = jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)  # [N, 1]
-        return mask / (seq_len * norm.num_sequences)
-    if aggregation == "dr_grpo":
-        return mask / (norm.num_sequences * norm.max_completion_len)
-    raise ValueError(f"loss_aggregation {aggregation!r}; choose one of {LOSS_AGGREGATIONS}.")
+        weights = mask / (seq_len * norm.num_sequences)
+    elif config.loss_aggregation == "dr_grpo":
+        weights = mask / (norm.num_sequences * norm.max_completion_len)
+    else:
+        raise ValueError(f"loss_aggregation {config.loss_aggregation!r}; choose one of {LOSS_AGGREGATIONS}.")
+    adv = jnp.broadcast_to(advantages.astype(jnp.float32)[:, None], mask.shape)  # [N, T]
+    return TokenTerms(mask, weights, adv)
 
 
-def _token_mean(values: jax.Array, mask: jax.Array, norm: LossNormalizers) -> jax.Array:
-    """sum(values * mask) / num_tokens: a masked mean that adds up across minibatches. [N, T] -> []."""
-    return jnp.sum(values.astype(jnp.float32) * mask) / norm.num_tokens
+def _ratio_and_kl(logp, old_logp, ref_logp, mask, config: GRPOConfig):
+    """Policy ratio [N, T] and KL estimate [N, T] (None without ref_logp); elementwise in logp."""
+    on_token = mask > 0
+    if old_logp is None:
+        old_logp = jax.lax.stop_gradient(logp)
+    # Padding positions may hold anything; zero their log-ratios before exp so they cannot give inf/NaN.
+    ratio = jnp.exp(jnp.where(on_token, logp - old_logp, 0.0))
+    if ref_logp is None:
+        return ratio, None
+    return ratio, kl_divergence(logp, jnp.where(on_token, ref_logp, logp), config.kl_estimator, config.kl_clamp)
+
+
+def token_loss(logp, old_logp, ref_logp, terms: TokenTerms, config: GRPOConfig) -> jax.Array:
+    """The weighted per-token losses [N, T] whose sum is the GRPO loss:
+
+      w * (-min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) + beta * KL)
+
+    Entry [n, t] depends only on logp[n, t] (and the other arrays at [n, t]), so a chunk of positions
+    can be computed on its own (as `decoder.fused_token_loss` does). Arguments as in `grpo_loss`.
+    """
+    if config.beta != 0 and ref_logp is None:
+        raise ValueError(f"GRPOConfig.beta={config.beta} needs ref_logp; pass it or set beta=0.")
+    ratio, kl = _ratio_and_kl(logp, old_logp, ref_logp, terms.mask, config)
+    adv = terms.advantages
+    clipped_ratio = jnp.clip(ratio, 1.0 - config.epsilon_low, 1.0 + config.epsilon_high)
+    per_token = -jnp.minimum(ratio * adv, clipped_ratio * adv)  # [N, T]
+    if config.beta != 0:
+        per_token = per_token + config.beta * kl
+    return per_token * terms.weights
+
+
+def grpo_metrics(logp, old_logp, ref_logp, terms: TokenTerms, config: GRPOConfig, normalizers: LossNormalizers
+                 ) -> dict[str, jax.Array]:
+    """The loss's metrics (scalars, no gradient), each a masked token mean normalised by `num_tokens`
+    (so they add up across minibatches): "kl" (when ref_logp is given), "ratio_mean", and the TRL/DAPO
+    clip fractions "clip_ratio/low" (ratio < 1 - epsilon_low and A < 0: the clip stops pushing the
+    token further down), "clip_ratio/high" (ratio > 1 + epsilon_high and A > 0) and
+    "clip_ratio/region" (either)."""
+    ratio, kl = _ratio_and_kl(logp, old_logp, ref_logp, terms.mask, config)
+    mean = lambda values: jnp.sum(values.astype(jnp.float32) * terms.mask) / normalizers.num_tokens
+    adv = terms.advantages
+    clipped_low = (ratio < 1.0 - config.epsilon_low) & (adv < 0)  # [N, T]
+    clipped_high = (ratio > 1.0 + config.epsilon_high) & (adv > 0)
+    metrics = {} if kl is None else {"kl": mean(kl)}
+    metrics["ratio_mean"] = mean(ratio)
+    metrics["clip_ratio/low"] = mean(clipped_low)
+    metrics["clip_ratio/high"] = mean(clipped_high)
+    metrics["clip_ratio/region"] = mean(clipped_low | clipped_high)
+    return {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
 
 
 def grpo_loss(
@@ -196,7 +269,7 @@ def grpo_loss(
     truncated: jax.Array | None = None,
     normalizers: LossNormalizers | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The GRPO loss (a scalar) and its metrics (scalars, no host sync).
+    """The GRPO loss (a scalar) and its metrics (scalars, no host sync, see `grpo_metrics`).
 
     logp: [N, T] log-probabilities of the sampled tokens under the policy being trained.
     old_logp: [N, T] the same under the policy that sampled them; None means on-policy
@@ -204,47 +277,10 @@ def grpo_loss(
     ref_logp: [N, T] the same under the frozen reference; may be None when config.beta == 0.
     advantages: [N]; completion_mask: [N, T]; truncated: [N] bool, see `GRPOConfig`.
     normalizers: the full batch's `loss_normalizers` when this is one of several minibatches.
-
-    Aggregation of the per-token losses l (m = mask, n_i = tokens of sequence i):
-      token_mean           sum(l * m) / num_tokens
-      seq_mean_token_mean  sum_i [sum_t l * m / max(n_i, 1)] / num_sequences
-      dr_grpo              sum(l * m) / (num_sequences * max_completion_len)
-
-    Metrics, each a masked token mean normalised by `num_tokens` (so they, too, add up across
-    minibatches): "kl" (when ref_logp is given), "ratio_mean", and the TRL/DAPO clip fractions
-    "clip_ratio/low" (ratio < 1 - epsilon_low and A < 0: the clip stops pushing the token further
-    down), "clip_ratio/high" (ratio > 1 + epsilon_high and A > 0) and "clip_ratio/region" (either).
+    The aggregation modes are those of `token_terms`.
     """
-    if config.beta != 0 and ref_logp is None:
-        raise ValueError(f"GRPOConfig.beta={config.beta} needs ref_logp; pass it or set beta=0.")
-    mask = effective_mask(completion_mask, config, truncated)  # [N, T]
     if normalizers is None:
         normalizers = loss_normalizers(completion_mask, config, truncated)
-    on_token = mask > 0  # [N, T]
-    if old_logp is None:
-        old_logp = jax.lax.stop_gradient(logp)
-    # Padding positions may hold anything; zero their log-ratios before exp so they cannot give inf/NaN.
-    log_ratio = jnp.where(on_token, logp - old_logp, 0.0)  # [N, T]
-    ratio = jnp.exp(log_ratio)
-    adv = advantages.astype(jnp.float32)[:, None]  # [N, 1]
-    clipped_ratio = jnp.clip(ratio, 1.0 - config.epsilon_low, 1.0 + config.epsilon_high)
-    per_token_loss = -jnp.minimum(ratio * adv, clipped_ratio * adv)  # [N, T]
-
-    metrics = {}
-    if ref_logp is not None:
-        safe_ref_logp = jnp.where(on_token, ref_logp, logp)
-        kl = kl_divergence(logp, safe_ref_logp, config.kl_estimator, config.kl_clamp)  # [N, T]
-        if config.beta != 0:
-            per_token_loss = per_token_loss + config.beta * kl
-        metrics["kl"] = _token_mean(kl, mask, normalizers)
-
-    weights = _token_weights(mask, config.loss_aggregation, normalizers)  # [N, T]
-    loss = jnp.sum(per_token_loss * weights)
-
-    clipped_low = (ratio < 1.0 - config.epsilon_low) & (adv < 0)  # [N, T]
-    clipped_high = (ratio > 1.0 + config.epsilon_high) & (adv > 0)
-    metrics["ratio_mean"] = _token_mean(ratio, mask, normalizers)
-    metrics["clip_ratio/low"] = _token_mean(clipped_low, mask, normalizers)
-    metrics["clip_ratio/high"] = _token_mean(clipped_high, mask, normalizers)
-    metrics["clip_ratio/region"] = _token_mean(clipped_low | clipped_high, mask, normalizers)
-    return loss, {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
+    terms = token_terms(completion_mask, advantages, config, truncated, normalizers)
+    loss = jnp.sum(token_loss(logp, old_logp, ref_logp, terms, config))
+    return loss, grpo_metrics(logp, old_logp, ref_logp, terms, config, normalizers)

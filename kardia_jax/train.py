@@ -36,9 +36,9 @@ from ml_collections import config_flags
 from kardia_jax import checkpoints, metrics, rewards, sharding, training
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
-from kardia_jax.grpo import GRPOConfig, group_advantages, grpo_loss, loss_normalizers
+from kardia_jax.grpo import GRPOConfig, group_advantages, grpo_metrics, loss_normalizers, token_loss, token_terms
 from kardia_jax.models.config import DTYPES
-from kardia_jax.models.decoder import Decoder, chunked_logprobs, positions_from_mask
+from kardia_jax.models.decoder import Decoder, chunked_logprobs, fused_token_loss, positions_from_mask
 from kardia_jax.rewards.judge import RubricJudge, load_judge
 from kardia_jax.sampling import SampleOutput, SamplingConfig, make_sampler
 
@@ -47,8 +47,9 @@ from kardia_jax.sampling import SampleOutput, SamplingConfig, make_sampler
 # -- the pieces of one step --------------------------------------------------------------------
 
 
-def completion_logprobs(model: Decoder, prompt, prompt_mask, completion, completion_mask, temperature, with_entropy=False):
-    """log p(completion[t] | prompt, completion[:t]) [N, T] (and entropy [N, T]) under `model`.
+def completion_hidden(model: Decoder, prompt, prompt_mask, completion, completion_mask):
+    """The hidden states [N, T, D] that predict each completion token: row n, position t predicts
+    completion[n, t] (the prompt's last position predicts the first).
 
     prompt, prompt_mask: [B, P] left-padded; completion, completion_mask: [N, T], rows i·G … i·G + G - 1
     continuing prompt i (G = N // B). Each prompt goes through the model once, not G times
@@ -60,9 +61,13 @@ def completion_logprobs(model: Decoder, prompt, prompt_mask, completion, complet
     prompt_hidden, hidden = model.shared_prefix_hidden(
         prompt, positions_from_mask(prompt_mask), prompt_mask, completion, positions, completion_mask
     )
-    # Position t predicts token t + 1: the prompt's last position predicts the first completion token.
-    predicting = jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], g, axis=0), hidden[:, :-1]], axis=1)  # [N, T, D]
-    return chunked_logprobs(predicting, model.unembed_matrix(), completion, temperature, with_entropy=with_entropy)
+    return jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], g, axis=0), hidden[:, :-1]], axis=1)  # [N, T, D]
+
+
+def completion_logprobs(model: Decoder, prompt, prompt_mask, completion, completion_mask, temperature, chunk_size=256):
+    """log p(completion[t] | prompt, completion[:t]) [N, T] under `model` (shapes as `completion_hidden`)."""
+    hidden = completion_hidden(model, prompt, prompt_mask, completion, completion_mask)
+    return chunked_logprobs(hidden, model.unembed_matrix(), completion, temperature, chunk_size)
 
 
 class Rollout(NamedTuple):
@@ -152,7 +157,8 @@ class Steps:
         [rows, chunk, V] logits alike."""
         model = nnx.merge(self.graphdef, params)
         parts = _minibatches((prompt, prompt_mask, completion, completion_mask), self.config.grpo.num_minibatches)
-        logp = jax.lax.map(lambda part: completion_logprobs(model, *part, self.temperature), parts)  # [k, N/k, T]
+        chunk = self.config.grpo.logits_chunk_size
+        logp = jax.lax.map(lambda part: completion_logprobs(model, *part, self.temperature, chunk), parts)  # [k, N/k, T]
         return logp.reshape(completion.shape)
 
     def _rewards(self, judge_params, completion, completion_mask, emotion_id, contexts):
@@ -186,13 +192,17 @@ class Steps:
         parts = _minibatches(rollout, k)
 
         def loss_fn(params, part: Rollout):
+            # The loss is a sum of per-token terms, so the lm head's gradient is formed chunk by chunk in the
+            # forward (`fused_token_loss`): the [rows, T, V] logits never exist whole, and are computed once.
             model = nnx.merge(self.graphdef, params)
-            logp, entropy = completion_logprobs(
-                model, part.prompt, part.prompt_mask, part.completion, part.completion_mask, self.temperature, with_entropy=True
+            hidden = completion_hidden(model, part.prompt, part.prompt_mask, part.completion, part.completion_mask)
+            terms = token_terms(part.completion_mask, part.advantages, self.loss_config, part.truncated, norms)
+            loss, logp, entropy = fused_token_loss(
+                hidden, model.unembed_matrix(), part.completion,
+                lambda lp, aux: token_loss(lp, *aux, self.loss_config), (part.old_logp, part.ref_logp, terms),
+                temperature=self.temperature, chunk_size=self.config.grpo.logits_chunk_size, with_entropy=True,
             )
-            loss, stats = grpo_loss(
-                logp, part.old_logp, part.ref_logp, part.advantages, part.completion_mask, self.loss_config, part.truncated, norms
-            )
+            stats = grpo_metrics(logp, part.old_logp, part.ref_logp, terms, self.loss_config, norms)
             stats["entropy"] = jnp.sum(entropy * part.completion_mask) / norms.num_tokens
             return loss, stats
 

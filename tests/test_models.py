@@ -28,6 +28,7 @@ from helpers_hf import hf_logits, left_padded_batch, make_hf_model
 from kardia_jax.models import (
     PRESETS,
     chunked_logprobs,
+    fused_token_loss,
     from_hf_config,
     from_pretrained,
     init_cache,
@@ -287,6 +288,52 @@ def test_chunked_logprobs_function(chunk_size):
     np.testing.assert_allclose(logp, expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(ent, -jnp.sum(jnp.exp(logp_all) * logp_all, -1), atol=1e-5, rtol=0)
     assert chunked_logprobs(h, w, targets, 1.3, chunk_size).shape == (2, 12)
+
+
+def _ppo_token_loss(logp, aux):
+    """A GRPO-like per-token loss: clipped ratio times an advantage, weighted; nonlinear in logp."""
+    old, adv, weight = aux
+    ratio = jnp.exp(logp - old)
+    return -jnp.minimum(ratio * adv, jnp.clip(ratio, 0.8, 1.2) * adv) * weight
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 13, 64])  # 4 does not divide T = 13; 64 > T
+def test_fused_token_loss_equals_autodiff_of_the_unfused_loss(chunk_size):
+    """Loss, logp, entropy and the gradients to h and unembed equal plain autodiff through the full
+    [B, T, V] logits (1e-5 relative), under an outer scale (the backward multiplies by the cotangent)."""
+    kh, kw, kt, ko, ka = jax.random.split(jax.random.key(0), 5)
+    b, t, d, v = 3, 13, 16, 40
+    h = jax.random.normal(kh, (b, t, d))
+    w = jax.random.normal(kw, (d, v))
+    targets = jax.random.randint(kt, (b, t), 0, v)
+    # old logprobs near the current ones, so some ratios fall inside and some outside the clip range
+    logp_now, _ = _direct_logprobs(h @ w, targets, 1.3)
+    old = logp_now + 0.3 * jax.random.normal(ko, (b, t))
+    aux = (old, jnp.broadcast_to(jax.random.normal(ka, (b, 1)), (b, t)), jnp.linspace(0.0, 1.0, b * t).reshape(b, t))
+
+    def direct(h, w):
+        logp, logp_all = _direct_logprobs(h @ w, targets, 1.3)
+        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, -1)
+        return 2.5 * jnp.sum(_ppo_token_loss(logp, aux)), (logp, entropy)
+
+    def fused(h, w):
+        loss, logp, entropy = fused_token_loss(h, w, targets, _ppo_token_loss, aux, temperature=1.3,
+                                               chunk_size=chunk_size, with_entropy=True)
+        return 2.5 * loss, (logp, entropy)
+
+    (loss_d, aux_d), grads_d = jax.value_and_grad(direct, argnums=(0, 1), has_aux=True)(h, w)
+    (loss_f, aux_f), grads_f = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(h, w)
+    np.testing.assert_allclose(loss_f, loss_d, rtol=1e-5)
+    for got, want in zip(aux_f + grads_f, aux_d + grads_d):
+        np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
+    assert float(jnp.mean(jnp.abs(jnp.exp(aux_d[0] - old) - 1) > 0.2)) > 0.2  # the clip is exercised
+
+    # Not differentiated (evaluation): the same values, and no gradient work in the program.
+    loss_e, logp_e, entropy_e = jax.jit(lambda h, w: fused_token_loss(
+        h, w, targets, _ppo_token_loss, aux, temperature=1.3, chunk_size=chunk_size))(h, w)
+    np.testing.assert_allclose(loss_e, loss_d / 2.5, rtol=1e-5)
+    np.testing.assert_allclose(logp_e, aux_d[0], atol=1e-5)
+    assert entropy_e is None
 
 
 @pytest.mark.parametrize("name", ["qwen2", "gemma"])

@@ -15,7 +15,7 @@ from flax import nnx
 
 from kardia_jax import train
 from kardia_jax.config import base_config
-from kardia_jax.models import Decoder, positions_from_mask, preset
+from kardia_jax.models import Decoder, chunked_logprobs, positions_from_mask, preset
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 
 
@@ -78,6 +78,35 @@ def test_minibatch_accumulation_equals_one_batch(tmp_path, aggregation):
     for key in ("loss", "kl", "entropy", "clip_ratio/region"):
         np.testing.assert_allclose(float(stats_1[key]), float(stats_k[key]), rtol=1e-5, atol=1e-7)
     assert float(stats_1["grad_norm"]) > 0
+
+
+def test_update_gradient_equals_autodiff_of_the_written_out_loss(tmp_path):
+    """The update's fused lm-head gradient (chunks of 4 positions, T = 6: one padded chunk) equals jax.grad of
+    grpo_loss over the teacher-forced logprobs (SGD(lr=1): the parameter change is minus the gradient)."""
+    from kardia_jax.grpo import grpo_loss
+
+    tokenizer = load_tokenizer(tokenizer_path())
+    model = Decoder(preset("tiny-qwen2"), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    rollout = random_rollout(4, 2, 5, 6, 512)
+    config = tiny_config(tmp_path, logits_chunk_size=4, temperature=0.8)
+    steps = train.Steps(graphdef, params, None, tokenizer, config, optax.sgd(1.0))
+    new, _, stats = steps.update(jax.tree.map(jnp.copy, params), steps.optimizer.init(params), rollout)
+
+    def loss(params):
+        model = nnx.merge(graphdef, params)
+        logp, entropy = chunked_logprobs(train.completion_hidden(model, *rollout[:4]), model.unembed_matrix(),
+                                         rollout.completion, temperature=0.8, with_entropy=True)
+        value, _ = grpo_loss(logp, rollout.old_logp, rollout.ref_logp, rollout.advantages, rollout.completion_mask,
+                             steps.loss_config, rollout.truncated)
+        return value, jnp.sum(entropy * rollout.completion_mask) / rollout.completion_mask.sum()
+
+    (value, entropy), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    np.testing.assert_allclose(float(stats["loss"]), float(value), rtol=1e-5)
+    np.testing.assert_allclose(float(stats["entropy"]), float(entropy), rtol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+    jax.tree.map(lambda a, b, g: np.testing.assert_allclose(np.asarray(b - a), np.asarray(g), atol=1e-5 * scale, rtol=0),
+                 new, params, grads)
 
 
 def test_completion_logprobs_read_each_prompt_once_and_equal_full_sequences():
