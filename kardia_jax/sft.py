@@ -39,7 +39,7 @@ from ml_collections import config_flags
 from kardia_jax import checkpoints, evaluate, metrics, sharding, training
 from kardia_jax.data.pipeline import BatchConfig, load_samples, sft_pipeline
 from kardia_jax.data.prompts import DifficultyRule
-from kardia_jax.models import save_pretrained
+from kardia_jax.models import fused_token_loss, save_pretrained
 
 LOGITS_CHUNK = 256  # positions per chunk of the vocabulary projection in the loss
 
@@ -62,9 +62,11 @@ def masked_nll(model, batch: dict[str, jax.Array], chunk_size: int = LOGITS_CHUN
     batch: tokens, positions, input_mask, loss_mask [B, T] (right-padded, as `sft_pipeline` makes them).
     """
     targets, weights = shifted_targets(batch)
-    logp = model.target_logprobs(batch["tokens"], batch["positions"], batch["input_mask"], targets,
-                                 chunk_size=chunk_size)  # [B, T]
-    return -jnp.sum(logp * weights), jnp.sum(weights)
+    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["input_mask"])  # [B, T, D]
+    # A sum of per-token terms: the lm head's gradient is formed chunk by chunk in the forward.
+    nll, _, _ = fused_token_loss(hidden, model.unembed_matrix(), targets, lambda logp, w: -logp * w, weights,
+                                 chunk_size=chunk_size)
+    return nll, jnp.sum(weights)
 
 
 def sft_loss(model, batch: dict[str, jax.Array], chunk_size: int = LOGITS_CHUNK) -> jax.Array:

@@ -110,6 +110,21 @@ def test_loss_equals_numpy_masked_cross_entropy(tiny, samples, tokenizer):
     nll, tokens = sft.masked_nll(model, device_batch)
     assert int(tokens) == count == batch["loss_mask"][:, 1:].sum()
 
+    # The fused loss's gradient equals autodiff through the whole log-softmax.
+    graphdef, params = nnx.split(model)
+
+    def direct(params):
+        logits, _ = nnx.merge(graphdef, params)(device_batch["tokens"], device_batch["positions"], device_batch["input_mask"])
+        targets, weights = sft.shifted_targets(device_batch)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+        return -jnp.sum(logp * weights) / jnp.sum(weights)
+
+    want = jax.grad(direct)(params)
+    for chunk in (16, 256):
+        got = jax.grad(lambda p: sft.sft_loss(nnx.merge(graphdef, p), device_batch, chunk))(params)
+        scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0), got, want)
+
 
 def test_grad_accumulation_equals_one_big_batch(tiny, samples, tokenizer):
     _, mesh, model = tiny
