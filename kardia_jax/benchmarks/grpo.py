@@ -7,9 +7,13 @@ each (64 completions), exactly 128 new tokens (no stop token), temperature 1, no
 update per step on the whole batch (num_iterations 1, no accumulation); the reward is the fraction of even
 token ids in a completion (kardia_jax: in-graph, on device; TRL: a Python reward function on completion ids).
 
-Each side runs `--warmup` untimed steps (kardia_jax: compilation), then `--repeats` timed steps, which alternate
-(a TRL step, then a kardia_jax step) so that both meet the same load on a shared machine; the median step time,
-the median of each phase and every timed step's time are reported:
+Each side runs `--warmup` untimed steps (kardia_jax: compilation), then `--repeats` timed steps: first all of
+kardia_jax's, then all of TRL's, so that neither framework's threads (torch's OpenMP workers spin after a step)
+or heap (both allocate from the one process heap) disturb the other's timed steps; with `--interleave` they
+alternate (a TRL step, then a kardia_jax step), for a machine whose load changes during the run. Importing
+kardia_jax on a CPU-only install keeps freed host memory for reuse (`kardia_jax.host_memory`); that is a
+process setting, so TRL runs with it too. The median step time, the median of each phase and every timed
+step's time are reported:
 
   kardia_jax   sample (jitted sampler) / reference (teacher-forced ref logprobs) / reward (reward +
                group advantages) / update (GRPO loss, grads, AdamW): each phase blocked on its result.
@@ -43,17 +47,19 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+import kardia_jax
 from kardia_jax.benchmarks.common import BENCH_PRESET, bench_models, random_prompts, set_torch_threads
 
 flags.DEFINE_integer("num_prompts", 8, "Distinct prompts per step.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt length (tokens).")
 flags.DEFINE_integer("num_samples", 8, "Samples per prompt (G).")
 flags.DEFINE_integer("new_tokens", 128, "New tokens per completion (exactly; no stop token).")
-flags.DEFINE_integer("repeats", 3, "Timed steps (medians are reported).")
+flags.DEFINE_integer("repeats", 5, "Timed steps (medians are reported).")
 flags.DEFINE_integer("warmup", 1, "Untimed steps first (kardia_jax compiles in these).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for TRL; 0: os.cpu_count(). On a machine shared with "
                      "other busy processes, torch's OpenMP threads stall one another (1 can be much faster).")
 flags.DEFINE_bool("trl", True, "Also time TRL's GRPOTrainer (needs the `bench` extra).")
+flags.DEFINE_bool("interleave", False, "Alternate TRL and kardia_jax timed steps instead of timing them in two blocks.")
 flags.DEFINE_bool("judge", True, "Also time the rubric judge added to kardia_jax's step.")
 flags.DEFINE_integer("judge_context_tokens", 512, "Judge prompt budget for persona + dialogue (config.judge default).")
 flags.DEFINE_integer("judge_response_tokens", 0, "Judge prompt budget for the response; 0: --new_tokens.")
@@ -445,20 +451,24 @@ def main(_):
     print(f"device: {jax.devices()[0].platform} x{jax.device_count()}, torch threads: {cores}; {_load()} at start")
     print(f"model: {BENCH_PRESET}, float32; workload: {FLAGS.num_prompts} prompts x {FLAGS.prompt_len} tokens, "
           f"G={FLAGS.num_samples} ({n} completions) x {FLAGS.new_tokens} new tokens, beta={BETA}, AdamW lr={LEARNING_RATE}, "
-          f"one update per step; medians of {repeats} steps after {warmup} warm-up", flush=True)
+          f"one update per step; medians of {repeats} steps after {warmup} warm-up, "
+          f"{'interleaved' if FLAGS.interleave else 'kardia_jax then TRL'}; host memory kept for reuse: "
+          f"{kardia_jax.KEEPS_FREED_MEMORY}", flush=True)
 
-    # kardia_jax warms up (compiles) first; then, with TRL, the timed steps alternate (TRL step, kardia_jax step)
-    # so that both see the same load on a shared machine.
+    # kardia_jax warms up (compiles) first; then its timed steps, then TRL's (or, with --interleave, a TRL step
+    # then a kardia_jax step, so that both see the same load on a machine shared with other work).
     runner = KardiaGRPO(ours, prompts, total_steps=warmup + repeats, **sizes)
     for _ in range(warmup):
         runner.step()
     runner.warm()
-    t_trl = trl_steps = None
-    if FLAGS.trl:
-        t_trl, trl_steps = trl_grpo(hf, prompts, repeats=repeats, warmup=warmup, after_timed_step=runner.step, **sizes)
-    else:
+    interleave = FLAGS.trl and FLAGS.interleave
+    if not interleave:
         for _ in range(repeats):
             runner.step()
+    t_trl = trl_steps = None
+    if FLAGS.trl:
+        t_trl, trl_steps = trl_grpo(hf, prompts, repeats=repeats, warmup=warmup,
+                                    after_timed_step=runner.step if interleave else None, **sizes)
     result = runner.result()
     t_ours = result.times
     print(f"kardia_jax step:  {_format_phases(t_ours)}")
