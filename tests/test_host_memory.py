@@ -45,7 +45,9 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again():
     pages = 2**20 // os.sysconf("SC_PAGE_SIZE")  # per MiB
     # After the first run: glibc's defaults hand the buffers back and fault them in again every time; kept,
     # most runs reuse them (a run whose buffers do not fit the freed space, as fragmented, grows the heap).
-    assert statistics.median(default_faults[1:]) > 64 * pages
+    if statistics.median(default_faults[1:]) < 64 * pages:
+        pytest.skip(f"this machine does not fault the buffers in again under glibc's defaults ({default_faults}; "
+                    "e.g. transparent huge pages set to 'always'): nothing to compare")
     assert statistics.median(kept_faults[1:]) < 4 * pages
 
 
