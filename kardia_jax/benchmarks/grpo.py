@@ -10,10 +10,8 @@ token ids in a completion (kardia_jax: in-graph, on device; TRL: a Python reward
 Each side runs `--warmup` untimed steps (kardia_jax: compilation), then `--repeats` timed steps: first all of
 kardia_jax's, then all of TRL's, so that neither framework's threads (torch's OpenMP workers spin after a step)
 or heap (both allocate from the one process heap) disturb the other's timed steps; with `--interleave` they
-alternate (a TRL step, then a kardia_jax step), for a machine whose load changes during the run. Importing
-kardia_jax on a CPU-only install keeps freed host memory for reuse (`kardia_jax.host_memory`); that is a
-process setting, so TRL runs with it too. The median step time, the median of each phase and every timed
-step's time are reported:
+alternate (a TRL step, then a kardia_jax step), for a machine whose load changes during the run. The median
+step time, the median of each phase and every timed step's time are reported:
 
   kardia_jax   sample (jitted sampler) / reference (teacher-forced ref logprobs) / reward (reward +
                group advantages) / update (GRPO loss, grads, AdamW): each phase blocked on its result.
@@ -47,7 +45,6 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-import kardia_jax
 from kardia_jax.benchmarks.common import BENCH_PRESET, bench_models, random_prompts, set_torch_threads
 
 flags.DEFINE_integer("num_prompts", 8, "Distinct prompts per step.")
@@ -448,12 +445,12 @@ def main(_):
     n = FLAGS.num_prompts * FLAGS.num_samples
     warmup, repeats = FLAGS.warmup, FLAGS.repeats
     sizes = dict(num_samples=FLAGS.num_samples, new_tokens=FLAGS.new_tokens)
+    interleave = FLAGS.trl and FLAGS.interleave
     print(f"device: {jax.devices()[0].platform} x{jax.device_count()}, torch threads: {cores}; {_load()} at start")
     print(f"model: {BENCH_PRESET}, float32; workload: {FLAGS.num_prompts} prompts x {FLAGS.prompt_len} tokens, "
           f"G={FLAGS.num_samples} ({n} completions) x {FLAGS.new_tokens} new tokens, beta={BETA}, AdamW lr={LEARNING_RATE}, "
           f"one update per step; medians of {repeats} steps after {warmup} warm-up, "
-          f"{'interleaved' if FLAGS.interleave else 'kardia_jax then TRL'}; host memory kept for reuse: "
-          f"{kardia_jax.KEEPS_FREED_MEMORY}", flush=True)
+          f"{'interleaved' if interleave else 'kardia_jax then TRL' if FLAGS.trl else 'kardia_jax only'}", flush=True)
 
     # kardia_jax warms up (compiles) first; then its timed steps, then TRL's (or, with --interleave, a TRL step
     # then a kardia_jax step, so that both see the same load on a machine shared with other work).
@@ -461,7 +458,6 @@ def main(_):
     for _ in range(warmup):
         runner.step()
     runner.warm()
-    interleave = FLAGS.trl and FLAGS.interleave
     if not interleave:
         for _ in range(repeats):
             runner.step()
