@@ -30,6 +30,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kardia_jax import sharding
@@ -80,13 +81,32 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float) -> jax.
     return (x32 * (offset + weight.astype(jnp.float32))).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, half-split layout as in HF. x [B, T, N, Dh], positions [B, T]."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1]))  # [Dh/2]
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
+@functools.lru_cache(maxsize=16)
+def _rope_table(length: int, head_dim: int, theta: float) -> np.ndarray:
+    """[length, 2, Dh/2] float32: sin and cos of the rotary angles of positions 0 … length - 1, computed
+    as HF does (angle = position * inverse frequency in float32)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = np.float32(1.0) / np.float32(theta) ** exponents  # [Dh/2], float32 throughout as in HF
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq  # [length, Dh/2] float32
+    return np.stack([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, max_positions: int) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) [B, T, 1, Dh/2] float32 of the rotary angles at `positions` [B, T], looked up in a
+    constant table of `max_positions` rows; a position outside it gives NaN, not a wrong rotation.
+
+    A forward looks them up once and every layer's q and k rotations (forward and backward) read them.
+    Sines and cosines computed in the graph instead are fused by XLA into each rotation and evaluated
+    again for every element of q and k: on CPU that made the rotations ~5x slower.
+    """
+    table = jnp.take(jnp.asarray(_rope_table(max_positions, head_dim, theta)), positions, axis=0, mode="fill",
+                     fill_value=jnp.nan)  # [B, T, 2, Dh/2]
+    return table[:, :, None, 0], table[:, :, None, 1]
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotary embedding, half-split layout as in HF. x [B, T, N, Dh]; rope: `rope_tables` of its positions."""
+    sin, cos = rope
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -245,8 +265,8 @@ class Decoder(nnx.Module):
         logits = dense(h, w, out_dtype=jnp.float32)
         return self._constrain(logits, "activation_batch", "activation_length", "activation_vocab")
 
-    def _layer(self, x, p, positions, self_mask, cached_blocks, own=None):
-        """One transformer layer. x [N, T, D]; p: this layer's params.
+    def _layer(self, x, p, rope, self_mask, cached_blocks, own=None):
+        """One transformer layer. x [N, T, D]; p: this layer's params; rope: `rope_tables` of the tokens' positions.
 
         The T new tokens attend to their own block under `self_mask` and to every valid column of the
         read-only `cached_blocks` (prefixes; see `attend`). Their own block is either
@@ -268,8 +288,8 @@ class Decoder(nnx.Module):
         if c.qk_norm:
             q = rms_norm(q, p["q_norm"], c.rms_norm_eps, c.norm_offset)
             k = rms_norm(k, p["k_norm"], c.rms_norm_eps, c.norm_offset)
-        q = apply_rope(q, positions, c.rope_theta)
-        k = apply_rope(k, positions, c.rope_theta)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
         q = self._constrain(q, "activation_batch", "activation_length", "activation_heads", None)
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [N, K, T, Dh]
         if own is not None:
@@ -320,11 +340,15 @@ class Decoder(nnx.Module):
         stacked = self._stacked_params()
         return [{name: value[i] for name, value in stacked.items()} for i in range(self.config.num_layers)]
 
+    def _rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        c = self.config
+        return rope_tables(positions, c.head_dim, c.rope_theta, c.max_position_embeddings)
+
     def _scan_layers(self, tokens, positions, input_mask):
         """Scanned forward without a cache: (final-normed hidden [N, T, D], (k, v) [L, N, K, T, Dh])."""
-        layer_fn, self_mask = self._layer_fn(), causal_mask(input_mask)
+        layer_fn, self_mask, rope = self._layer_fn(), causal_mask(input_mask), self._rope(positions)
         x, kv = jax.lax.scan(
-            lambda x, p: layer_fn(x, p, positions, self_mask, []), self.embed_tokens(tokens), self._stacked_params(), unroll=self._unroll
+            lambda x, p: layer_fn(x, p, rope, self_mask, []), self.embed_tokens(tokens), self._stacked_params(), unroll=self._unroll
         )
         return self.final_hidden(x), kv
 
@@ -344,10 +368,10 @@ class Decoder(nnx.Module):
             self_mask = written_valid[:, None, :] & seen[None]  # [N, T, S]
         else:
             self_mask = causal_mask(input_mask)
-        ks, vs = [], []
+        ks, vs, rope = [], [], self._rope(positions)
         for i, p in enumerate(layers or self.layer_params()):
             own = (cache["k"][i], cache["v"][i], cache["end"]) if write else None
-            x, (k, v) = layer_fn(x, p, positions, self_mask, _cache_blocks(cache, i, own=not write), own)
+            x, (k, v) = layer_fn(x, p, rope, self_mask, _cache_blocks(cache, i, own=not write), own)
             ks.append(k)
             vs.append(v)
         return self.final_hidden(x), ks, vs
@@ -365,11 +389,12 @@ class Decoder(nnx.Module):
         layer_fn = self._layer_fn()
         prefix_self, self_mask = causal_mask(prefix_mask), causal_mask(input_mask)
         prefix_cols = prefix_mask.astype(bool)[:, None, :]  # [B, 1, P]
+        prefix_rope, rope = self._rope(prefix_positions), self._rope(positions)
 
         def layer(carry, p):
             xp, x = carry
-            xp, (kp, vp) = layer_fn(xp, p, prefix_positions, prefix_self, [])
-            x, _ = layer_fn(x, p, positions, self_mask, [(kp, vp, prefix_cols)])
+            xp, (kp, vp) = layer_fn(xp, p, prefix_rope, prefix_self, [])
+            x, _ = layer_fn(x, p, rope, self_mask, [(kp, vp, prefix_cols)])
             return (xp, x), None
 
         init = (self.embed_tokens(prefix), self.embed_tokens(tokens))
