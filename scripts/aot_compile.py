@@ -10,11 +10,16 @@ abstract arguments of a full step's shapes:
   reference   teacher-forced logprobs of the B·G completions (the frozen reference, stored in the
               compute dtype as `train.reference_params` makes it)
   update      GRPO loss, gradients over grpo.num_minibatches, AdamW (float32 masters)
+  score       the rewards of the B·G completions with the rubric judge (`--judge_preset`, the config's
+              judge dtype, rules, context/response budgets and rows_per_chunk) and the group advantages.
+              The judge's prompts are built with the shipped tokenizer (the real judge tokenizer cannot be
+              downloaded here); its rubric text is longer in those tokens than in Qwen's, so the prompt, and
+              the figure, err on the large side.
 
 XLA's memory analysis per chip (arguments + outputs + temporaries) of each phase is printed; what stays in
 HBM through the whole step besides a phase's own arguments (the policy and its optimizer state, the
 reference, the judge's weights: `--judge_preset` in the judge's dtype and rules) is added to each phase's
-peak and compared with `--hbm_gib`. The judge's scoring program itself is not compiled here.
+peak and compared with `--hbm_gib`.
 
 Needs libtpu: `pip install "jax[tpu]==0.10.2"`, or `--libtpu_dir` pointing at an unpacked libtpu wheel.
 
@@ -37,7 +42,7 @@ def parse_args():
     p.add_argument("--preset", default="qwen2.5-7b", help="the model preset of the config's checkpoint architecture")
     p.add_argument("--judge_preset", default="qwen3-8b", help="the judge's architecture ('' if the config has none)")
     p.add_argument("--prompt_len", type=int, default=1024, help="prompt bucket P (tokens)")
-    p.add_argument("--phases", default="sample,reference,update")
+    p.add_argument("--phases", default="", help="comma-separated; empty: all (score needs --judge_preset)")
     p.add_argument("--topology", default="", help="a TPU topology instead of the config's (e.g. v5e:4x8)")
     p.add_argument("--mesh", default="", help="data,fsdp,tensor sizes instead of the config's (e.g. 1,4,4)")
     p.add_argument("--hbm_gib", type=float, default=16.0, help="HBM per chip (v5e: 16, v5p: 95, v6e: 32)")
@@ -50,11 +55,13 @@ setup_libtpu(ARGS.libtpu_dir)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from kardia_jax import sharding, training  # noqa: E402
 from kardia_jax.models import preset  # noqa: E402
 from kardia_jax.models.config import DTYPES  # noqa: E402
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path  # noqa: E402
+from kardia_jax.rewards.judge import RubricJudge  # noqa: E402
 from kardia_jax.train import Rollout, Steps  # noqa: E402
 
 GIB = 1 << 30
@@ -117,19 +124,26 @@ def main():
         opt_shardings = training.optimizer_shardings(optimizer, params)  # as `training.init_optimizer` lays it out
         opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  jax.eval_shape(optimizer.init, params), opt_shardings)
-        steps = Steps(graphdef, params, None, load_tokenizer(tokenizer_path()), config, optimizer)
+        tokenizer = load_tokenizer(tokenizer_path())
+        judge, judge_params = None, {}
+        if ARGS.judge_preset:  # as `rewards.judge.load_judge` builds it, with abstract parameters
+            j = config.judge
+            judge_graphdef, judge_params = abstract_params(
+                preset(ARGS.judge_preset, param_dtype=j.param_dtype, dtype=j.dtype, remat="none"),
+                sharding.rules_from_config(j.rules), mesh)
+            judge = RubricJudge(nnx.merge(judge_graphdef, judge_params), tokenizer, tokenizer,
+                                max_context_tokens=j.max_context_tokens, max_response_tokens=j.max_response_tokens,
+                                rows_per_chunk=j.get("rows_per_chunk", 0))
+        steps = Steps(graphdef, params, judge, tokenizer, config, optimizer)
         compute = DTYPES[model_config.dtype]
         reference = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=x.sharding),
             params,
         )
-        judge = 0
-        if ARGS.judge_preset:
-            judge_config = preset(ARGS.judge_preset, param_dtype=config.judge.param_dtype, dtype=config.judge.dtype)
-            judge = bytes_per_chip(abstract_params(judge_config, sharding.rules_from_config(config.judge.rules), mesh)[1])
+        judge_bytes = bytes_per_chip(judge_params)
         policy, optimizer_state, ref = bytes_per_chip(params), bytes_per_chip(opt_state), bytes_per_chip(reference)
         print(f"  resident per chip: policy {policy / GIB:.2f} GiB, optimizer state {optimizer_state / GIB:.2f} GiB, "
-              f"reference {ref / GIB:.2f} GiB, judge ({ARGS.judge_preset or 'none'}) {judge / GIB:.2f} GiB")
+              f"reference {ref / GIB:.2f} GiB, judge ({ARGS.judge_preset or 'none'}) {judge_bytes / GIB:.2f} GiB")
 
         batch = ("activation_batch", None)
         prompt, prompt_mask = spec((b, p), jnp.int32, mesh, batch), spec((b, p), jnp.int32, mesh, batch)
@@ -138,12 +152,19 @@ def main():
                           rows(jnp.float32), rows(jnp.float32), spec((n,), jnp.float32, mesh, ("activation_batch",)))
         # Each phase: (jitted function, its arguments, what else stays in HBM meanwhile).
         calls = {
-            "sample": (steps.sample, (params, prompt, prompt_mask, jax.random.key(0)), optimizer_state + ref + judge),
+            "sample": (steps.sample, (params, prompt, prompt_mask, jax.random.key(0)), optimizer_state + ref + judge_bytes),
             "reference": (steps.logprobs, (reference, prompt, prompt_mask, rollout.completion, rollout.completion_mask),
-                          policy + optimizer_state + judge),
-            "update": (steps.update, (params, opt_state, rollout), ref + judge),
+                          policy + optimizer_state + judge_bytes),
+            "update": (steps.update, (params, opt_state, rollout), ref + judge_bytes),
         }
-        for name in ARGS.phases.split(","):
+        if judge is not None:
+            contexts = {k: spec((b, judge.max_context_tokens), jnp.int32, mesh, batch) for k in ("context_ids", "context_mask")}
+            emotion_id = spec((n,), jnp.int32, mesh, ("activation_batch",))
+            calls["score"] = (steps.score, (judge_params, rollout.completion, rollout.completion_mask, emotion_id, contexts),
+                              policy + optimizer_state + ref)
+        for name in ARGS.phases.split(",") if ARGS.phases else calls:
+            if name not in calls:
+                raise SystemExit(f"--phases: {name!r} is not one of {sorted(calls)} ('score' needs --judge_preset).")
             fn, args, resident = calls[name]
             start = time.perf_counter()
             try:
