@@ -61,7 +61,7 @@ from kardia_jax import sharding, training  # noqa: E402
 from kardia_jax.models import preset  # noqa: E402
 from kardia_jax.models.config import DTYPES  # noqa: E402
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path  # noqa: E402
-from kardia_jax.rewards.judge import RubricJudge  # noqa: E402
+from kardia_jax.rewards.judge import RubricJudge, model_overrides  # noqa: E402
 from kardia_jax.train import Rollout, Steps  # noqa: E402
 
 GIB = 1 << 30
@@ -127,13 +127,9 @@ def main():
         tokenizer = load_tokenizer(tokenizer_path())
         judge, judge_params = None, {}
         if ARGS.judge_preset:  # as `rewards.judge.load_judge` builds it, with abstract parameters
-            j = config.judge
-            judge_graphdef, judge_params = abstract_params(
-                preset(ARGS.judge_preset, param_dtype=j.param_dtype, dtype=j.dtype, remat="none"),
-                sharding.rules_from_config(j.rules), mesh)
-            judge = RubricJudge(nnx.merge(judge_graphdef, judge_params), tokenizer, tokenizer,
-                                max_context_tokens=j.max_context_tokens, max_response_tokens=j.max_response_tokens,
-                                rows_per_chunk=j.get("rows_per_chunk", 0))
+            judge_graphdef, judge_params = abstract_params(preset(ARGS.judge_preset, **model_overrides(config.judge)),
+                                                           sharding.rules_from_config(config.judge.rules), mesh)
+            judge = RubricJudge.from_config(nnx.merge(judge_graphdef, judge_params), config.judge, tokenizer, tokenizer)
         steps = Steps(graphdef, params, judge, tokenizer, config, optimizer)
         compute = DTYPES[model_config.dtype]
         reference = jax.tree.map(

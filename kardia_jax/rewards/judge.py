@@ -160,6 +160,13 @@ class RubricJudge:
         memory; 0: all at once.
     """
 
+    @classmethod
+    def from_config(cls, model: Decoder, judge_config, tokenizer, policy_tokenizer) -> "RubricJudge":
+        """The judge over `model` with the prompt budgets and chunking of `config.judge`."""
+        return cls(model, tokenizer, policy_tokenizer, max_context_tokens=judge_config.max_context_tokens,
+                   max_response_tokens=judge_config.max_response_tokens,
+                   rows_per_chunk=judge_config.get("rows_per_chunk", 0))
+
     def __init__(self, model: Decoder, tokenizer, policy_tokenizer=None, *, max_context_tokens: int = 512,
                  max_response_tokens: int = 256, shared_vocab: bool | None = None, rows_per_chunk: int = 0):
         self.score_ids_array = score_token_ids(tokenizer)  # [5]; raises first if the digits are not single tokens
@@ -482,6 +489,11 @@ def _pack_left(pieces, length: int, pad_id: int) -> tuple[jax.Array, jax.Array]:
 # -- loading -------------------------------------------------------------------------------------------
 
 
+def model_overrides(judge_config) -> dict:
+    """The ModelConfig fields `config.judge` sets on the judge's architecture (it is never differentiated)."""
+    return {"param_dtype": judge_config.param_dtype, "dtype": judge_config.dtype, "remat": "none"}
+
+
 def load_judge(config, mesh, policy_tokenizer, policy_model: Decoder | None = None):
     """The judge named by `config.judge`, sharded over `mesh` with `config.judge.rules`.
 
@@ -502,7 +514,7 @@ def load_judge(config, mesh, policy_tokenizer, policy_model: Decoder | None = No
     if sum(sources.values()) != 1:
         raise ValueError(f"config.judge: set exactly one of from_policy=True, hf_path, preset; got {sources}.")
     rules = sharding.rules_from_config(j.rules)
-    overrides = {"param_dtype": j.param_dtype, "dtype": j.dtype, "remat": "none"}
+    overrides = model_overrides(j)
     if j.tokenizer_path:
         tokenizer = load_tokenizer(j.tokenizer_path)
     elif j.hf_path:
@@ -535,9 +547,7 @@ def load_judge(config, mesh, policy_tokenizer, policy_model: Decoder | None = No
         else:
             params = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
             source = f"preset {j.preset!r} (random init)"
-    judge = RubricJudge(nnx.merge(graphdef, params), tokenizer, policy_tokenizer,
-                        max_context_tokens=j.max_context_tokens, max_response_tokens=j.max_response_tokens,
-                        rows_per_chunk=j.get("rows_per_chunk", 0))
+    judge = RubricJudge.from_config(nnx.merge(graphdef, params), j, tokenizer, policy_tokenizer)
     logging.info("Judge: %s; prompts of %d tokens; %s.", source, judge.prompt_length,
                  "assembled in-graph (shared vocabulary)" if judge.shared_vocab else "re-tokenized on the host")
     return judge, params
