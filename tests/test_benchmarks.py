@@ -1,4 +1,5 @@
-"""Smoke test of the GRPO benchmark's kardia_jax half (and its judge add-on) at tiny sizes.
+"""Smoke tests of the benchmarks at tiny sizes: the GRPO benchmark's kardia_jax half (and its judge
+add-on), and the matmul-rate benchmark.
 
 The TRL half needs the `bench` extra (torch, trl) and minutes of CPU; run the benchmark itself for it.
 """
@@ -7,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from kardia_jax import models
+from kardia_jax.benchmarks import gemm as gemm_bench
 from kardia_jax.benchmarks import grpo as grpo_bench
 from kardia_jax.models.decoder import Decoder
 
@@ -34,3 +36,10 @@ def test_even_fraction_matches_the_trl_reward_function():
     ours = np.asarray(grpo_bench._even_fraction(ids, mask))  # pylint: disable=protected-access
     theirs = grpo_bench.even_fraction_reward([row[m > 0].tolist() for row, m in zip(ids, mask)])
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+
+
+def test_gemm_benchmark_times_the_same_product_in_both_frameworks():
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 1e-2)):
+        rates = gemm_bench.measure(16, 32, 48, dtype, repeats=2)
+        assert rates["xla"] > 0 and rates["torch"] > 0
+        assert rates["rel_diff"] < tol, (dtype, rates)
