@@ -125,7 +125,7 @@ def generate_completions(model: Decoder, tokenizer: Tokenizer, samples: Sequence
         n = len(batch["sample_index"])
         fill = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)]) if n < batch_size else x
         out = sampler(params, place(fill(batch["prompt_tokens"])), place(fill(batch["prompt_mask"])), key)
-        tokens, length, trunc = (training.to_host(a)[:n] for a in (out.tokens, out.lengths, out.truncated))
+        tokens, length, trunc = (sharding.to_host(a)[:n] for a in (out.tokens, out.lengths, out.truncated))
         for row in range(n):
             indices.append(int(batch["sample_index"][row]))
             texts.append(completion_text(tokenizer, tokens[row], int(length[row]), bool(trunc[row])))
@@ -244,6 +244,7 @@ def main(argv):
     config = args.config
     if not args.checkpoint:
         raise app.UsageError("--checkpoint is required (e.g. runs/tiny_cpu/sft/hf).")
+    sharding.initialize_distributed(config.distributed)
     mesh = sharding.mesh_from_config(config.mesh)
     with jax.set_mesh(mesh):
         model, tokenizer = load_checkpoint(config, args.checkpoint, mesh)

@@ -291,7 +291,9 @@ def _print_results(results: dict[str, Any]) -> None:
 
 def main(argv):
     del argv
-    run(flags.FLAGS.config)
+    config = flags.FLAGS.config
+    sharding.initialize_distributed(config.distributed)
+    run(config)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ model size.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -44,24 +45,29 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 
+def mesh_sizes(mesh_config, num_devices: int) -> dict[str, int]:
+    """The (data, fsdp, tensor) sizes of an ml_collections/dict mesh block for `num_devices` devices.
+    One size may be -1: the devices left. Errors name the `mesh.*` keys and say how to fix them."""
+    sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"config mesh {sizes}: at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1.")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if num_devices % known:
+            raise ValueError(f"config mesh {sizes}: the {num_devices} devices are not divisible by {known}; set "
+                             f"mesh.* so that their product divides {num_devices}.")
+        sizes[free[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"config mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are "
+                         "available; change mesh.* or set one of them to -1 to use the rest.")
+    return sizes
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all). One size may be -1: the rest."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one may be -1.")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(
-                f"mesh sizes {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not divisible by {known}."
-            )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"mesh sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices but {len(devices)} "
-            "are available; set one size to -1 to use the rest."
-        )
+    sizes = list(mesh_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices)).values())
     try:  # Physical-topology-aware device order on TPU; plain order elsewhere.
         grid = mesh_utils.create_device_mesh(sizes, devices)
     except Exception:  # noqa: BLE001 - CPU/virtual devices have no topology to honour.
@@ -140,12 +146,35 @@ def state_shardings(state, rules: Rules, mesh: Mesh):
     return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
+def to_host(tree):
+    """The full value of every array of `tree` as NumPy, on every process.
+
+    An array split over several processes' devices is first gathered onto every device (a collective,
+    so every process must make the same call); a replicated or process-local one is read locally.
+    """
+    def fetch(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree.map(fetch, tree)
+
+
 def initialize_distributed(enabled: bool) -> None:
     """Joins JAX's multi-controller runtime (one process per TPU VM host) when `enabled`.
 
-    On Cloud TPU the coordinator, process count and index are discovered automatically; elsewhere
-    set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID. Must run before any other JAX
-    call. Every host then runs the same program; `jax.devices()` spans the whole slice.
+    On Cloud TPU the coordinator, process count and index are discovered by JAX. Elsewhere (GPU
+    clusters, the CPU rehearsal of `kardia_jax.rehearse`) set JAX_COORDINATOR_ADDRESS (host:port of
+    process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process. Must run before any other JAX
+    call. Every process then runs the same program, and `jax.devices()` spans all of them.
     """
-    if enabled:
+    if not enabled or jax.distributed.is_initialized():
+        return
+    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    if (count is None) != (index is None):
+        raise ValueError("Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (with JAX_COORDINATOR_ADDRESS), or "
+                         "neither to let JAX discover the TPU slice.")
+    if count is None:
         jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(num_processes=int(count), process_id=int(index))

@@ -259,7 +259,10 @@ def _initial_model_config(config: ml_collections.ConfigDict) -> ml_collections.C
 
 
 def reward_table(steps: Steps, params, judge_params, judge, pipeline, mesh, max_new_tokens: int) -> dict[str, float]:
-    """Mean reward components of greedy completions over every prompt of `pipeline` (one pass)."""
+    """Mean reward components of greedy completions over every prompt of `pipeline` (one pass).
+
+    Sums and counts are global (every process's rows, filler rows of a short last batch left out), and
+    every process returns the same table."""
     sampler = steps.greedy_sampler(max_new_tokens)
     sums, count = {}, 0
     for batch in pipeline:
@@ -268,9 +271,10 @@ def reward_table(steps: Steps, params, judge_params, judge, pipeline, mesh, max_
         dev = training.shard_batch(batch, mesh)
         out = sampler(params, dev["prompt_tokens"], dev["prompt_mask"], jax.random.key(0))
         _, logs = steps.rewards_of(judge_params, out.tokens, out.mask, dev["emotion_id"], contexts)
-        for k, v in jax.device_get(logs).items():
-            sums[k] = sums.get(k, 0.0) + float(np.sum(v))
-        count += len(samples)
+        logs, valid = sharding.to_host((logs, dev["valid"]))  # [B] each, all processes' rows
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + float(np.sum(v * valid))
+        count += int(valid.sum())
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
@@ -393,7 +397,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _print_samples(tokenizer, out: SampleOutput, samples, group_size: int, count: int = 2) -> None:
-    tokens, mask = jax.device_get((out.tokens, out.mask))
+    """Logs the first sample of the first `count` prompts (process 0's first rows). Every process must
+    call it: the completions are gathered from all of them."""
+    tokens, mask = sharding.to_host((out.tokens, out.mask))  # [N, T]
+    if jax.process_index() != 0:
+        return
     for i in range(min(count, len(samples))):
         row = i * group_size
         text = tokenizer.decode(tokens[row][mask[row] > 0].tolist())

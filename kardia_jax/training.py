@@ -230,15 +230,6 @@ def replicate(x: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), np.asarray(x))
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """The full value of a (possibly multi-host sharded) array, on every process."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 # -- checkpoints and config ----------------------------------------------------------------------
 
 

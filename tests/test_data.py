@@ -268,6 +268,25 @@ def test_processes_see_disjoint_shards_that_cover_the_data(train_samples, tokeni
     assert sorted(shards[0] + shards[1]) == list(range(len(train_samples)))
 
 
+def test_processes_pad_each_global_batch_to_one_length_and_fill_a_short_last_batch(train_samples, tokenizer):
+    """A multi-host step needs the same shapes on every process: the bucket is chosen from the rows of
+    the whole global batch, and a short last batch (no drop_remainder) is filled up with `valid` 0 rows."""
+    config = pipeline.BatchConfig(global_batch_size=4, max_length=2048, bucket_lengths=tuple(range(32, 2049, 32)),
+                                  shuffle=False, drop_remainder=False)
+    samples = train_samples[:10]  # 2 full global batches of 4, then 2 real rows
+    shards = [list(pipeline.grpo_pipeline(samples, tokenizer, config, subset="all", process_index=p,
+                                          process_count=2)) for p in range(2)]
+    alone = list(pipeline.grpo_pipeline(samples, tokenizer, config, subset="all", process_index=0, process_count=1))
+    assert len(shards[0]) == len(shards[1]) == len(alone) == 3
+    lengths = {b["prompt_tokens"].shape[1] for b in alone}
+    assert len(lengths) > 1, "the sample should need several buckets for this test to mean anything"
+    for whole, first, second in zip(alone, *shards):
+        assert first["prompt_tokens"].shape == second["prompt_tokens"].shape == (2, whole["prompt_tokens"].shape[1])
+        assert np.array_equal(np.stack([first["sample_index"], second["sample_index"]], 1).ravel(), whole["sample_index"])
+    assert alone[-1]["valid"].tolist() == [1, 1, 0, 0]
+    assert shards[0][-1]["valid"].tolist() == [1, 0] and shards[1][-1]["valid"].tolist() == [1, 0]
+
+
 def test_a_restored_iterator_continues_with_the_next_batches(train_samples, tokenizer):
     config = pipeline.BatchConfig(global_batch_size=16, max_length=384, num_epochs=None, seed=3)
     pipe = pipeline.sft_pipeline(train_samples, tokenizer, config, subset="all", process_index=0, process_count=1)
@@ -290,7 +309,7 @@ def test_loss_mask_covers_exactly_the_target_and_its_end_of_turn(train_samples, 
     assert pipe.length_stats.truncated == 0
     easy = [s for s in train_samples if s.difficulty == "easy"]
     batch = next(iter(pipe))
-    assert set(batch) == {"tokens", "input_mask", "loss_mask", "positions"}
+    assert set(batch) == {"tokens", "input_mask", "loss_mask", "positions", "valid"}
     assert batch["tokens"].shape[1] in config.buckets() and batch["tokens"].dtype == np.int32
     for row, sample in enumerate(easy[:8]):
         tokens, loss_mask, input_mask = batch["tokens"][row], batch["loss_mask"][row], batch["input_mask"][row]

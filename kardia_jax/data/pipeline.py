@@ -14,18 +14,21 @@ How a pipeline is built, and why:
      every process see the same number of samples and so run the same number of steps (a multi-host
      must), and gives exact length statistics; the batched encode of a fast tokenizer makes it cheap.
   3. `grain.MapDataset` over the tokenized examples: a seeded global shuffle (a fresh permutation per
-     epoch), trimmed to a multiple of the process count, then process p takes every
-     `process_count`-th example starting at p — disjoint shards that cover the data.
-  4. Batches of `global_batch_size // process_count` examples, padded to the smallest allowed bucket
-     length that fits the longest example, so the trainer compiles one program per bucket. Each epoch
-     is batched on its own; with `drop_remainder` the incomplete last batch of an epoch is dropped.
+     epoch), trimmed to a multiple of the process count.
+  4. Global batches of `global_batch_size` consecutive examples; process p keeps rows p, p + N, …
+     (N processes: disjoint shards that cover the data), padded to the smallest allowed bucket length
+     that fits the longest example of the *global* batch, so every process builds the same shapes and
+     the trainer compiles one program per bucket. Each epoch is batched on its own; with
+     `drop_remainder` the incomplete last batch of an epoch is dropped, without it it is filled up
+     with rows whose `valid` is 0.
   5. `repeat` for `num_epochs`, `to_iter_dataset`, and optionally `mp_prefetch` worker processes.
 
 The iterator's state is Grain's (`get_state()`/`set_state()`, a small dict); Orbax saves it with
 `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`. A restored iterator
 continues with exactly the batch that would have come next.
 
-Batches (numpy int32; B = global_batch_size // process_count):
+Batches (numpy int32; B = global_batch_size // process_count), each with
+    valid       [B]     1 on real rows, 0 on the filler rows of a short last batch (see 4.)
   SFT, right-padded to T:
     tokens      [B, T]  prompt (chat template, generation prompt) + target + end-of-turn id, then pad_id
     input_mask  [B, T]  1 on real tokens
@@ -214,8 +217,12 @@ def _build(samples, examples, stats, batch_fn, config: BatchConfig, process_inde
     ds = grain.MapDataset.source(examples)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
-    ds = ds[:per_process * process_count][process_index::process_count]
-    ds = ds.batch(local_batch_size, drop_remainder=config.drop_remainder, batch_fn=batch_fn)
+    # Batches are formed over the *global* order: every process sees the whole global batch, picks the
+    # padded length from all of its rows (so every process builds arrays of the same shape and runs the
+    # same program, which a multi-host collective needs) and keeps rows process_index::process_count.
+    ds = ds[:per_process * process_count]
+    ds = ds.batch(config.global_batch_size, drop_remainder=config.drop_remainder,
+                  batch_fn=_LocalRows(batch_fn, config.global_batch_size, process_index, process_count))
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
     iter_ds = ds.to_iter_dataset()
@@ -230,14 +237,37 @@ def _bucket(length: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= length)
 
 
+class _LocalRows:
+    """This process's rows of a global batch, padded to a length chosen from all of its rows.
+
+    A global batch short of `global_batch_size` (the last one, without `drop_remainder`) is filled up
+    with copies of its first example whose `valid` is 0, so that every process gets the same number
+    of rows and the batch still divides over the devices; consumers weight rows by `valid`.
+    """
+
+    def __init__(self, batch_fn, global_batch_size: int, process_index: int, process_count: int):
+        self.batch_fn, self.global_batch_size = batch_fn, global_batch_size
+        self.process_index, self.process_count = process_index, process_count
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+        examples = list(examples)
+        valid = np.zeros(self.global_batch_size, np.int32)  # [global B]
+        valid[:len(examples)] = 1
+        examples += [examples[0]] * (self.global_batch_size - len(examples))
+        rows = slice(self.process_index, None, self.process_count)
+        return self.batch_fn(examples[rows], length=self.batch_fn.length(examples)) | {"valid": valid[rows]}
+
+
 class _SftBatch:
     """Stacks SFT examples into a right-padded batch (a class, so worker processes can unpickle it)."""
 
     def __init__(self, pad_id: int, buckets: tuple[int, ...]):
         self.pad_id, self.buckets = pad_id, buckets
 
-    def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
-        length = _bucket(max(len(e["tokens"]) for e in examples), self.buckets)
+    def length(self, examples: Sequence[dict]) -> int:
+        return _bucket(max(len(e["tokens"]) for e in examples), self.buckets)
+
+    def __call__(self, examples: Sequence[dict], length: int) -> dict[str, np.ndarray]:
         tokens = np.full((len(examples), length), self.pad_id, np.int32)  # [B, T]
         input_mask = np.zeros((len(examples), length), np.int32)  # [B, T]
         loss_mask = np.zeros((len(examples), length), np.int32)  # [B, T]
@@ -256,8 +286,10 @@ class _PromptBatch:
     def __init__(self, pad_id: int, buckets: tuple[int, ...]):
         self.pad_id, self.buckets = pad_id, buckets
 
-    def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
-        length = _bucket(max(len(e["prompt_tokens"]) for e in examples), self.buckets)
+    def length(self, examples: Sequence[dict]) -> int:
+        return _bucket(max(len(e["prompt_tokens"]) for e in examples), self.buckets)
+
+    def __call__(self, examples: Sequence[dict], length: int) -> dict[str, np.ndarray]:
         prompt_tokens = np.full((len(examples), length), self.pad_id, np.int32)  # [B, P]
         prompt_mask = np.zeros((len(examples), length), np.int32)  # [B, P]
         for row, example in enumerate(examples):

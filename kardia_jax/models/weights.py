@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -275,15 +276,6 @@ def from_pretrained(
 # -- writing -------------------------------------------------------------------------------------
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The full value of a (possibly multi-host sharded) array on this host."""
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def _hf_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, HF-layout array) for every parameter, one parameter (all its layers) at a time."""
     config = model.config
@@ -291,7 +283,7 @@ def _hf_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     inverse = lambda perm: tuple(np.argsort(perm))
     for keys, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         tmap = maps[str(keys[-1])]
-        value = _to_host(var.get_value())
+        value = sharding.to_host(var.get_value())
         blocks = value if str(keys[0]) == "layers" else value[None]
         for name, block in zip(_layer_names(tmap, config.num_layers), blocks):
             yield name, np.ascontiguousarray(np.transpose(block, inverse(tmap.perm)).reshape(tmap.hf_shape))
@@ -368,19 +360,26 @@ def resize_vocab(model: Decoder, vocab_size: int, new_token_ids=()) -> None:
     keep[[i for i in new_token_ids if i < old]] = False
 
     def grow(var, axis):
-        value = np.asarray(jax.device_get(var.get_value())).astype(np.float32)
-        value = np.moveaxis(value, axis, 0)
-        mean = value[keep].mean(axis=0)
-        value = np.concatenate([value, np.broadcast_to(mean, (vocab_size - old,) + mean.shape)])
-        value[: old][~keep] = mean
-        value = np.moveaxis(value, 0, axis).astype(var.get_value().dtype)
-        old_sharding = var.get_value().sharding
+        # On device, into the target sharding: no process ever needs the whole (un)embedding.
+        value = var.get_value()
+        shape = list(value.shape)
+        shape[axis] = vocab_size
+        old_sharding = value.sharding
         if isinstance(old_sharding, NamedSharding):
             axes = var.get_metadata()["logical_axes"]
-            target = sharding.named_sharding(axes, value.shape, model.rules or sharding.DEFAULT_RULES, old_sharding.mesh)
+            target = sharding.named_sharding(axes, shape, model.rules or sharding.DEFAULT_RULES, old_sharding.mesh)
         else:
             target = old_sharding
-        var.set_value(jax.device_put(value, target))
+
+        def resized(value):
+            rows = jnp.moveaxis(value, axis, 0).astype(jnp.float32)  # [old, ...]
+            kept = jnp.asarray(keep).reshape((old,) + (1,) * (rows.ndim - 1))
+            mean = jnp.sum(rows * kept, axis=0) / keep.sum()
+            rows = jnp.where(kept, rows, mean)
+            rows = jnp.concatenate([rows, jnp.broadcast_to(mean, (vocab_size - old,) + mean.shape)])
+            return jnp.moveaxis(rows, 0, axis).astype(value.dtype)
+
+        var.set_value(jax.jit(resized, out_shardings=target)(value))
 
     grow(model.embed, 0)
     if not model.config.tie_embeddings:
