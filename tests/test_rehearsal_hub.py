@@ -40,7 +40,8 @@ DATASET = "Jhcircle/KardiaBench"
 CHAT = [
     {"role": "system", "content": "Profile: INFJ.\nSituation: a move."},
     {"role": "user", "content": "I moved to a new city."},
-    {"role": "assistant", "content": "<|emotion_begin|>lonely<|emotion_end|><|response_begin|>A big change.<|response_end|>"},
+    {"role": "assistant",
+     "content": "<|emotion_begin|>lonely<|emotion_end|><|response_begin|>A big change.<|response_end|>"},
     {"role": "user", "content": "Yes, it is quiet."},
 ]
 CHATML = ("<|im_start|>system\nProfile: INFJ.\nSituation: a move.<|im_end|>\n"
@@ -145,8 +146,9 @@ def test_snapshot_download_returns_the_seeded_dataset(seeded):
     assert snapshot == seeded.datasets[DATASET]
     assert _files(snapshot) == ["README.md", "test.jsonl", "train.jsonl"]
     for split in ("train", "test"):
-        with open(os.path.join(snapshot, f"{split}.jsonl"), "rb") as f, open(os.path.join(sample_path(), f"{split}.jsonl"), "rb") as g:
-            assert f.read() == g.read()
+        with open(os.path.join(snapshot, f"{split}.jsonl"), "rb") as copy:
+            with open(os.path.join(sample_path(), f"{split}.jsonl"), "rb") as original:
+                assert copy.read() == original.read()
     card = open(os.path.join(snapshot, "README.md")).read()
     assert "stand-in" in card and "path: train.jsonl" in card
 
@@ -174,8 +176,8 @@ def test_transformers_loads_the_stand_in_and_its_logits_equal_kardia_jaxs(seeded
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32,
                                                                     attn_implementation="eager").eval()
     model = from_pretrained(seeded.models[repo_id])
-    assert to_hf_config(model.config) == {k: v for k, v in json.load(open(os.path.join(seeded.models[repo_id], "config.json"))).items()
-                                          if not k.endswith("_token_id")}
+    written = json.load(open(os.path.join(seeded.models[repo_id], "config.json")))
+    assert to_hf_config(model.config) == {k: v for k, v in written.items() if not k.endswith("_token_id")}
     assert from_pretrained(repo_id).config == model.config  # kardia_jax's own hub-id path
     assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= len(tokenizer)
 
@@ -197,6 +199,15 @@ def test_transformers_loads_the_stand_in_and_its_logits_equal_kardia_jaxs(seeded
     np.testing.assert_allclose(np.asarray(actual)[valid], expected[valid], rtol=1e-4, atol=1e-5)
 
 
+def test_base_qwen_model_ends_text_with_endoftext(tmp_path):
+    base = hub.seed_cache(str(tmp_path), {"Qwen/Qwen2.5-3B": hub.TinySize(num_layers=1)}).models["Qwen/Qwen2.5-3B"]
+    hf = transformers.AutoTokenizer.from_pretrained(base)
+    end_of_text = hf.convert_tokens_to_ids("<|endoftext|>")
+    assert hf.eos_token == "<|endoftext|>" and "<|im_end|>" in hf.get_vocab()
+    assert json.load(open(os.path.join(base, "generation_config.json")))["eos_token_id"] == end_of_text
+    assert json.load(open(os.path.join(base, "config.json")))["num_hidden_layers"] == 1
+
+
 # -- tokenizers --------------------------------------------------------------------------------------------
 
 
@@ -213,7 +224,8 @@ def test_kardia_jax_tokenizer_reads_the_family_format(seeded, repo_id):
     generation = json.load(open(os.path.join(snapshot, "generation_config.json")))
     rows = json.load(open(os.path.join(snapshot, "config.json")))["vocab_size"]
     if family == "gemma":
-        assert [ids[t] for t in ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")] == [0, 1, 2, 3, 5, 6]
+        specials = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
+        assert [ids[t] for t in specials] == [0, 1, 2, 3, 5, 6]
         assert tok.stop_ids == (ids["<end_of_turn>"], ids["<eos>"]) and tok.pad_id == 0
         assert tok.render_chat(CHAT, add_generation_prompt=True) == GEMMA  # system folded into the first user turn
         with pytest.raises(jinja2.TemplateError, match="System role"):

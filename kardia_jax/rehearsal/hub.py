@@ -48,14 +48,16 @@ The stand-ins (random weights; nothing here is a real checkpoint):
 Deterministic: the same arguments write the same bytes, hence the same commit ids (a commit id is a hash
 of the snapshot's file listing), whichever process writes them. Writes are atomic (temp file + rename),
 so seeding a cache that processes are reading, or seeding it twice, is safe. Seeding the paper's five
-models and the dataset takes a few seconds on CPU. Call it before `jax.distributed.initialize`:
-`save_pretrained` writes from JAX process 0 only.
+models and the dataset takes about a second once JAX is warm; the first `Decoder` init of a process
+compiles its initialisers first (seconds). Call it before `jax.distributed.initialize`: `save_pretrained`
+writes from JAX process 0 only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -64,9 +66,14 @@ import uuid
 import zlib
 from collections.abc import Mapping
 
-# huggingface_hub, transformers and flax are imported on first use: huggingface_hub reads HF_HUB_CACHE and
+import sentencepiece
+from flax import nnx
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+
+# huggingface_hub and transformers are imported on first use: huggingface_hub reads HF_HUB_CACHE and
 # HF_HUB_OFFLINE when it is imported, and a launcher importing this module may set them afterwards.
 from kardia_jax.data.sources import sample_path
+from kardia_jax.models import Decoder, save_pretrained
 from kardia_jax.models.config import PRESETS, ModelConfig
 from kardia_jax.models.tokenizer import CHATML_TEMPLATE, training_texts
 
@@ -94,7 +101,9 @@ QWEN3_CHAT_TEMPLATE = CHATML_TEMPLATE + (
 )
 GEMMA_CHAT_TEMPLATE = (
     "{{- bos_token }}"
-    "{%- if messages and messages[0]['role'] == 'system' %}{{- raise_exception('System role not supported') }}{%- endif %}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{{- raise_exception('System role not supported') }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
     "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
@@ -217,7 +226,6 @@ def _added_tokens_decoder(ids: Mapping[str, int]) -> dict[str, dict]:
 
 def _qwen_tokenizer(repo_id: str, family: str, texts: list[str], base_vocab: int) -> _TokenizerFiles:
     """Byte-level BPE with Qwen's pipeline, the family's special tokens after the base vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
     from transformers import Qwen2Tokenizer  # pylint: disable=import-outside-toplevel
 
     qwen = Qwen2Tokenizer().backend_tokenizer  # the normalizer / pre-tokenizer / decoder AutoTokenizer rebuilds
@@ -234,7 +242,7 @@ def _qwen_tokenizer(repo_id: str, family: str, texts: list[str], base_vocab: int
         "tokenizer_class": "Qwen2Tokenizer",
         "add_prefix_space": False,
         "added_tokens_decoder": _added_tokens_decoder(ids),
-        "additional_special_tokens": [t for t in specials if t not in ("<|endoftext|>", eos)],
+        "additional_special_tokens": [t for t in specials if t != "<|endoftext|>"],
         "bos_token": None,
         "eos_token": eos,
         "pad_token": "<|endoftext|>",
@@ -259,10 +267,6 @@ def _qwen_tokenizer(repo_id: str, family: str, texts: list[str], base_vocab: int
 
 def _sentencepiece_model(texts: list[str], vocab_size: int) -> bytes:
     """A Gemma-style SentencePiece BPE model (serialized proto), trained in memory, single-threaded."""
-    import io  # pylint: disable=import-outside-toplevel
-
-    import sentencepiece  # pylint: disable=import-outside-toplevel
-
     pad, eos, bos, unk = GEMMA_CONTROL_TOKENS
     model = io.BytesIO()
     try:
@@ -333,10 +337,6 @@ def stand_in_model_files(repo_id: str, size: TinySize = TinySize(), *, seed: int
     tokenizer files and a README.md (see the module docstring). `texts`: the tokenizer's training text
     (default: the shipped sample's); `tokenizer_vocab`: the base BPE (Qwen) / SentencePiece (Gemma)
     vocabulary, a multiple of 64. Weights: `Decoder` random init, seeded by `seed` and `repo_id`."""
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
-    from kardia_jax.models import Decoder, save_pretrained  # pylint: disable=import-outside-toplevel
-
     if tokenizer_vocab % VOCAB_MULTIPLE:
         raise ValueError(f"seed_cache: tokenizer_vocab={tokenizer_vocab} is not a multiple of {VOCAB_MULTIPLE}.")
     family = real_config(repo_id).family
@@ -358,7 +358,8 @@ def stand_in_model_files(repo_id: str, size: TinySize = TinySize(), *, seed: int
     files["README.md"] = _card(
         f"{repo_id} (rehearsal stand-in)",
         f"Not {repo_id}: a {config.num_params():,}-parameter {family} model with random weights and a tokenizer "
-        "trained on kardia_jax's synthetic sample, written by `kardia_jax.rehearsal.hub` for the offline pod rehearsal.",
+        "trained on kardia_jax's synthetic sample, written by `kardia_jax.rehearsal.hub` for the offline pod "
+        "rehearsal.",
     )
     return files
 
@@ -429,8 +430,9 @@ def write_snapshot(cache_dir: str, repo_id: str, files: Mapping[str, bytes], *, 
     from huggingface_hub.utils import validate_repo_id  # pylint: disable=import-outside-toplevel
 
     validate_repo_id(repo_id)
-    if repo_type not in constants.REPO_TYPES:
-        raise ValueError(f"write_snapshot: repo_type={repo_type!r}; expected one of {constants.REPO_TYPES}.")
+    repo_types = (constants.REPO_TYPE_MODEL, constants.REPO_TYPE_DATASET, constants.REPO_TYPE_SPACE)
+    if repo_type not in repo_types:
+        raise ValueError(f"write_snapshot: repo_type={repo_type!r}; expected one of {repo_types}.")
     storage = os.path.join(os.path.abspath(cache_dir), repo_folder_name(repo_id=repo_id, repo_type=repo_type))
     entries = {path: _tree_entry(path, files[path]) for path in sorted(files)}
     listing = {path: entry for path, (_, entry) in entries.items()}
