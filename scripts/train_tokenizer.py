@@ -17,26 +17,12 @@ import os
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from kardia_jax.data.sources import load_dialogues, sample_path
+from kardia_jax.data.sources import sample_path
 from kardia_jax.data.spans import MARKER_TOKENS
-from kardia_jax.models.tokenizer import CHATML_TEMPLATE, tokenizer_path
+from kardia_jax.models.tokenizer import CHATML_TEMPLATE, tokenizer_path, training_texts
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END, *MARKER_TOKENS)  # ids 0..10, in this order
-
-
-def training_text(sample_dir: str) -> list[str]:
-    """Every message of the train split (system messages hold persona and situation), with each
-    assistant turn split at its markers so merges never span a marker."""
-    dialogues, _ = load_dialogues(sample_dir, "train")
-    texts = []
-    for dialogue in dialogues:
-        for message in dialogue.messages:
-            text = message["content"]
-            for marker in MARKER_TOKENS:
-                text = text.replace(marker, "\n")
-            texts.append(text)
-    return texts
 
 
 def train(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -63,7 +49,7 @@ def main() -> None:
     parser.add_argument("--out_dir", default=tokenizer_path())
     parser.add_argument("--vocab_size", type=int, default=4096)
     args = parser.parse_args()
-    tokenizer = train(training_text(args.sample_dir), args.vocab_size)
+    tokenizer = train(training_texts(args.sample_dir), args.vocab_size)
     os.makedirs(args.out_dir, exist_ok=True)
     tokenizer.save_pretrained(args.out_dir, save_jinja_files=False)  # template inside tokenizer_config.json
     print(f"Saved a {len(tokenizer)}-token tokenizer to {args.out_dir}")

@@ -70,7 +70,7 @@ def test_committed_tokenizer_equals_a_fresh_training(tmp_path):
     spec = importlib.util.spec_from_file_location("train_tokenizer", REPO / "scripts" / "train_tokenizer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    trained = module.train(module.training_text(sources.sample_path()), vocab_size=4096)
+    trained = module.train(tokenizer_lib.training_texts(sources.sample_path()), vocab_size=4096)
     trained.save_pretrained(tmp_path, save_jinja_files=False)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / name).read_text() == (pathlib.Path(tokenizer_lib.tokenizer_path()) / name).read_text()

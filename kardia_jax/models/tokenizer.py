@@ -47,6 +47,23 @@ def tokenizer_path() -> str:
     return str(importlib.resources.files("kardia_jax").joinpath("assets", "tokenizer"))
 
 
+def training_texts(source: str, split: str = "train") -> list[str]:
+    """The text small tokenizers are trained on (`scripts/train_tokenizer.py`, the rehearsal's hub
+    stand-ins): every message of `split` in `source` (system messages hold persona and situation), each
+    span marker replaced by a newline so that no merge learns a piece of a marker."""
+    from kardia_jax.data.sources import load_dialogues  # pylint: disable=import-outside-toplevel
+
+    dialogues, _ = load_dialogues(source, split)
+    texts = []
+    for dialogue in dialogues:
+        for message in dialogue.messages:
+            text = message["content"]
+            for marker in MARKER_TOKENS:
+                text = text.replace(marker, "\n")
+            texts.append(text)
+    return texts
+
+
 class Tokenizer(abc.ABC):
     """What kardia_jax needs from a tokenizer.
 
