@@ -3,11 +3,11 @@
     python -m kardia_jax.sft --config=configs/gemma7b_tpu.py
     python -m kardia_jax.train --config=configs/gemma7b_tpu.py
 
-On a multi-host slice point the workdir at shared storage: --config.workdir=gs://BUCKET/kardia/gemma7b_tpu
+The workdir is shared storage on GCS: set your bucket, --config.workdir=gs://BUCKET/kardia/gemma7b_tpu
 """
 
 from kardia_jax.config import paper_tpu_config
 
 
 def get_config():
-    return paper_tpu_config(policy="google/gemma-7b-it", topology="v5e:4x8", tensor=4, workdir="runs/gemma7b_tpu")
+    return paper_tpu_config(policy="google/gemma-7b-it", topology="v5e:4x8", tensor=4, workdir="gs://your-bucket/kardia/gemma7b_tpu")

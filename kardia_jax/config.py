@@ -107,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.log_every = 1
     c.grpo.print_samples_every = 10
     c.grpo.max_steps = 0  # 0: num_epochs over the subset
+    c.grpo.eval_max_samples = 0  # test-split prompts of the before/after reward table; 0: all
 
     # The rubric judge: its own model and its own sharding rules (frozen: shard for memory).
     c.judge = ml_collections.ConfigDict()

@@ -169,6 +169,14 @@ def test_in_graph_and_host_paths_give_the_same_scores(model, judge, score_ids, s
     retokenized_prompts = jax.jit(retokenized.assemble_ids)(tokens, mask, contexts)  # the scorer is the same
     for got, want in zip(retokenized_prompts, judge.assemble_texts(judge.decode_completions(tokens, mask), samples)):
         np.testing.assert_array_equal(np.asarray(got), want)
+    # Under a mesh the callback runs once per batch shard (on a pod: on the process holding the rows).
+    mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)
+    rows = sharding.named_sharding(("activation_batch", None), tokens.shape, sharding.DEFAULT_RULES, mesh)
+    assert rows.spec[0] is not None, "the completions should be split over the devices for this check"
+    with jax.set_mesh(mesh):
+        sharded = jax.jit(retokenized.assemble_ids)(jax.device_put(tokens, rows), jax.device_put(mask, rows), contexts)
+    for got, want in zip(sharded, retokenized_prompts):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_prefix_sharing_equals_five_full_prompts(model, judge, batch):

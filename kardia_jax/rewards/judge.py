@@ -48,8 +48,9 @@ the scorer.
     cumsum positions.
   host (`score_texts`, or `score_ids` when the vocabularies differ): completion texts are re-tokenized
     with the judge's tokenizer on the host. Inside a jitted `score_ids` this is a `jax.pure_callback`
-    that returns the response ids [N, R]; the packing stays in-graph. (Single-host: a callback in a
-    multi-host program runs on one process; there, score texts outside the step with `score_texts`.)
+    that returns the response ids [N, R]; the packing stays in-graph. Under a mesh the callback runs in a
+    `shard_map` over the batch axes: each device re-tokenizes its own rows, so on a pod every process
+    tokenizes the completions it holds and none are gathered to one host.
     `score_texts` takes one sample per completion, or B samples for N = B·G completions (then each
     context is read once per group, as in-graph).
 
@@ -172,6 +173,7 @@ class RubricJudge:
         self.score_ids_array = score_token_ids(tokenizer)  # [5]; raises first if the digits are not single tokens
         self.graphdef = nnx.split(model)[0]
         self.model_config = model.config
+        self.rules = model.rules
         self.tokenizer = tokenizer
         self.policy_tokenizer = policy_tokenizer if policy_tokenizer is not None else tokenizer
         self.max_context_tokens = int(max_context_tokens)
@@ -333,6 +335,25 @@ class RubricJudge:
             out[row, :len(ids)], mask[row, :len(ids)] = ids, True
         return out, mask
 
+    def _retokenized(self, completion_ids: jax.Array, completion_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The judge's response ids and mask [N, R] of policy completions [N, T], by `_host_response`.
+
+        Outside a mesh: one callback on the whole batch. Under a mesh: one per batch shard (rows split as
+        `activation_batch` says), each on the process that holds the shard."""
+
+        def callback(ids, mask):  # [n, T] -> [n, R] twice, n = the rows at hand
+            shapes = (jax.ShapeDtypeStruct((ids.shape[0], self.max_response_tokens), jnp.int32),
+                      jax.ShapeDtypeStruct((ids.shape[0], self.max_response_tokens), jnp.bool_))
+            return jax.pure_callback(self._host_response, shapes, ids, mask)
+
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return callback(completion_ids, completion_mask)
+        spec = sharding.logical_to_spec(("activation_batch", None), completion_ids.shape,
+                                        self.rules or sharding.DEFAULT_RULES, dict(mesh.shape))
+        return jax.shard_map(callback, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec))(
+            completion_ids, completion_mask)
+
     def assemble_ids(self, completion_ids: jax.Array, completion_mask: jax.Array, contexts,
                      context_mask: jax.Array | None = None) -> JudgePrompts:
         """The judge prompts (`JudgePrompts`, layout above) of N = B·G completions.
@@ -352,7 +373,7 @@ class RubricJudge:
         else:
             shapes = (jax.ShapeDtypeStruct((n, self.max_response_tokens), jnp.int32),
                       jax.ShapeDtypeStruct((n, self.max_response_tokens), jnp.bool_))
-            response, keep = jax.pure_callback(self._host_response, shapes, completion_ids, completion_mask)
+            response, keep = self._retokenized(completion_ids, completion_mask)
 
         def constant(ids, rows):
             return jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (rows, len(ids))), jnp.ones((rows, len(ids)), bool)
