@@ -9,9 +9,21 @@ and how to batch them), sft, grpo (the two trainers), judge (the rubric judge of
 
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
 
 from kardia_jax import sharding
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+    """The config of a config file (its `get_config()`), as `--config=path` gives it to an entry point."""
+    spec = importlib.util.spec_from_file_location(f"kardia_config_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{path}: not a Python config file (configs/*.py).")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _rules_dict(rules) -> ml_collections.ConfigDict:

@@ -378,8 +378,26 @@ def _same_tensors(first: str, second: str, storage) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k].view(np.uint8), b[k].view(np.uint8)) for k in a)
 
 
+def check_export(uri: str, storage) -> str:
+    """Loads an HF export from the bucket with transformers (the model itself where torch is installed)."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    local = storage.local_copy(uri)
+    config = transformers.AutoConfig.from_pretrained(local)
+    loaded = [f"config ({config.model_type})"]
+    if any(name.startswith("tokenizer") for name in os.listdir(local)):
+        loaded.append(f"tokenizer ({len(transformers.AutoTokenizer.from_pretrained(local))} ids)")
+    if importlib.util.find_spec("torch") is not None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(local)
+        loaded.append(f"model ({sum(p.numel() for p in model.parameters())} parameters)")
+    return f"transformers loads {uri}: " + ", ".join(loaded)
+
+
 def main(argv):
     del argv
+    from kardia_jax import storage  # pylint: disable=import-outside-toplevel
     from kardia_jax.data.sources import sample_path  # pylint: disable=import-outside-toplevel
     from kardia_jax.rehearsal import gcs, hub  # pylint: disable=import-outside-toplevel
 
@@ -415,6 +433,8 @@ def main(argv):
             job = r.run("grpo", "train", r.flags())
             print("\n" + _reward_table(job.output(0)))
         r.run("evaluate grpo/hf", "evaluate", r.flags() + [f"--checkpoint={config.workdir}/grpo/hf"])
+        for export in ("sft/hf", "grpo/hf"):
+            print(check_export(f"{config.workdir}/{export}", storage))
         print(f"\nRehearsal of {config_file} passed in {time.monotonic() - start:.0f} s. Bucket gs://{bucket}:")
         for line in _summarize(emulator.listing(config.workdir)):
             print(f"   {line}")
