@@ -104,8 +104,8 @@ def generate_completions(model: Decoder, tokenizer: Tokenizer, samples: Sequence
 
     Prompts are left-padded to the pipeline's length buckets (so there is one compiled sampler per
     bucket) and overlong histories lose their oldest exchanges; a prompt that does not fit even then
-    is skipped. The last batch is filled up with copies of its first row so every batch has
-    `batch_size` rows (one program per bucket).
+    is skipped. The pipeline fills the last batch up with copies of its first row (`valid` 0) so every
+    batch has `batch_size` rows (one program per bucket).
 
     Returns (kept sample indices, texts, lengths, truncated), in sample order.
     """
@@ -122,9 +122,8 @@ def generate_completions(model: Decoder, tokenizer: Tokenizer, samples: Sequence
 
     indices, texts, lengths, truncated = [], [], [], []
     for batch in pipeline:
-        n = len(batch["sample_index"])
-        fill = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)]) if n < batch_size else x
-        out = sampler(params, place(fill(batch["prompt_tokens"])), place(fill(batch["prompt_mask"])), key)
+        n = int(batch["valid"].sum())  # real rows first; the pipeline fills a short last batch up
+        out = sampler(params, place(batch["prompt_tokens"]), place(batch["prompt_mask"]), key)
         tokens, length, trunc = (sharding.to_host(a)[:n] for a in (out.tokens, out.lengths, out.truncated))
         for row in range(n):
             indices.append(int(batch["sample_index"][row]))
