@@ -1,13 +1,17 @@
 """Smoke tests of the benchmarks at tiny sizes: the GRPO benchmark's kardia_jax half (and its judge
-add-on), and the matmul-rate benchmark.
+add-on), and the matmul-rate benchmark; a missing optional framework names the `bench` extra.
 
 The TRL half needs the `bench` extra (torch, trl) and minutes of CPU; run the benchmark itself for it.
 """
 
+import sys
+
 import numpy as np
+import pytest
 from flax import nnx
 
 from kardia_jax import models
+from kardia_jax.benchmarks import common
 from kardia_jax.benchmarks import gemm as gemm_bench
 from kardia_jax.benchmarks import grpo as grpo_bench
 from kardia_jax.models.decoder import Decoder
@@ -43,3 +47,30 @@ def test_gemm_benchmark_times_the_same_product_in_both_frameworks():
         rates = gemm_bench.measure(16, 32, 48, dtype, repeats=2)
         assert rates["xla"] > 0 and rates["torch"] > 0
         assert rates["rel_diff"] < tol, (dtype, rates)
+
+
+@pytest.mark.parametrize("module", common.BENCH_EXTRA_MODULES)
+def test_missing_reference_framework_names_the_bench_extra(monkeypatch, module):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails as if it were not installed
+    with pytest.raises(ModuleNotFoundError, match=rf'{module}.*pip install -e "\.\[bench\]"'):
+        with common.bench_extra():
+            __import__(module)
+    # Any other missing module is not blamed on the extra.
+    monkeypatch.setitem(sys.modules, "some_other_module", None)
+    with pytest.raises(ModuleNotFoundError) as info:
+        with common.bench_extra():
+            import some_other_module  # noqa: F401  pylint: disable=import-error,unused-import
+    assert "pip install" not in str(info.value)
+
+
+@pytest.mark.parametrize("module, call", [
+    ("torch", common.set_torch_threads),
+    ("torch", common.bench_models),
+    ("torch", lambda: gemm_bench.measure(4, 4, 4, "float32", 1)),
+    ("trl", lambda: grpo_bench.trl_grpo(None, np.zeros((1, 1), np.int32), num_samples=1, new_tokens=1)),
+], ids=["set_torch_threads", "bench_models", "gemm", "trl_grpo"])
+def test_benchmarks_import_their_reference_framework_through_the_guard(monkeypatch, module, call):
+    """Where the benchmarks first import torch / trl, a missing one raises the error that names the extra."""
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ModuleNotFoundError, match=r'\[bench\]'):
+        call()

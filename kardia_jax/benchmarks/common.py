@@ -1,7 +1,9 @@
-"""Shared pieces of the benchmarks: the bench-tiny model in both frameworks, and a median timer."""
+"""Shared pieces of the benchmarks: the bench-tiny model in both frameworks, a median timer, and the guard that
+names the `bench` extra when an optional framework (torch, trl) is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
@@ -10,12 +12,30 @@ import time
 import numpy as np
 
 BENCH_PRESET = "bench-tiny"  # Qwen2, 4 layers, hidden 256, 4 heads, 2 KV heads, mlp 1024, vocab 8192
+# The reference frameworks that the default install leaves out (pyproject.toml's `bench` extra).
+BENCH_EXTRA_MODULES = ("torch", "trl")
+
+
+@contextlib.contextmanager
+def bench_extra():
+    """Wraps the (lazy) imports of torch and trl: a missing one raises an error that says how to install it."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in BENCH_EXTRA_MODULES:
+            raise
+        raise ModuleNotFoundError(
+            f"The benchmarks compare against {e.name}, an optional dependency that the default install leaves out. "
+            'Install it with the `bench` extra: pip install -e ".[bench]" (from the repository root).',
+            name=e.name) from e
 
 
 def bench_models(seed: int = 0):
     """(torch HF model, kardia_jax Decoder) with the same random float32 weights (seed `seed`)."""
-    import torch
     import transformers
+
+    with bench_extra():
+        import torch
 
     from kardia_jax import models
 
@@ -46,7 +66,8 @@ def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
 
 
 def set_torch_threads() -> int:
-    import torch
+    with bench_extra():
+        import torch
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from kardia_jax.benchmarks.common import median_time, set_torch_threads
+from kardia_jax.benchmarks.common import bench_extra, median_time, set_torch_threads
 
 flags.DEFINE_integer("calls", 20, "Timed calls per shape and dtype (the median is reported).")
 FLAGS = flags.FLAGS
@@ -33,7 +33,8 @@ SHAPES = (
 def measure(m: int, k: int, n: int, dtype: str, repeats: int) -> dict[str, float]:
     """GFLOP/s of XLA and torch multiplying the same random [m, k] x [k, n] matrices in `dtype`
     ("float32" or "bfloat16"), and the largest relative difference of their products (the same work is timed)."""
-    import torch
+    with bench_extra():
+        import torch
 
     rng = np.random.RandomState(0)
     a, b = rng.randn(m, k).astype(np.float32), rng.randn(k, n).astype(np.float32)

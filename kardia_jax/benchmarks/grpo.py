@@ -45,7 +45,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from kardia_jax.benchmarks.common import BENCH_PRESET, bench_models, random_prompts, set_torch_threads
+from kardia_jax.benchmarks.common import BENCH_PRESET, bench_extra, bench_models, random_prompts, set_torch_threads
 
 flags.DEFINE_integer("num_prompts", 8, "Distinct prompts per step.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt length (tokens).")
@@ -308,9 +308,11 @@ def trl_grpo(hf_model, prompts: np.ndarray, *, num_samples: int, new_tokens: int
     transformers model, saved to a temporary directory: TRL loads its reference model from the policy's path) on
     `prompts` [B, P]. `after_timed_step()`, if given, runs after each timed step, outside its time."""
     import datasets
-    import torch
     import transformers
-    import trl
+
+    with bench_extra():
+        import torch
+        import trl
 
     num_prompts = prompts.shape[0]
     vocab = hf_model.config.vocab_size
@@ -436,7 +438,8 @@ def _load() -> str:
 def main(_):
     cores = set_torch_threads()
     if FLAGS.torch_threads:
-        import torch
+        with bench_extra():
+            import torch
 
         torch.set_num_threads(FLAGS.torch_threads)
         cores = FLAGS.torch_threads
@@ -496,7 +499,8 @@ def main(_):
 
 
 def _trl_version() -> str:
-    import trl
+    with bench_extra():
+        import trl
 
     return trl.__version__
 

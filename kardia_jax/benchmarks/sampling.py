@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from kardia_jax.benchmarks.common import bench_models, median_time, random_prompts, set_torch_threads
+from kardia_jax.benchmarks.common import bench_extra, bench_models, median_time, random_prompts, set_torch_threads
 from kardia_jax.sampling import SamplingConfig, make_sampler
 
 flags.DEFINE_integer("num_prompts", 8, "Distinct prompts.")
@@ -28,7 +28,8 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
-    import torch
+    with bench_extra():
+        import torch
 
     cores = set_torch_threads()
     hf, ours = bench_models()
