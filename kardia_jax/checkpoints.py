@@ -43,6 +43,8 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from kardia_jax import storage
+
 _PARAMS = "params"
 _OPT_STATE = "opt_state"
 _TRAINER_STATE = "trainer_state"
@@ -224,9 +226,7 @@ class Checkpointer:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}.")
-        directory = os.fspath(directory)
-        if "://" not in directory:
-            directory = os.path.abspath(directory)
+        directory = storage.absolute(directory)  # (importing storage also turns gcsfs's listing cache off)
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=policies.AnySavePolicy(

@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Multi-host TPU slices: join jax.distributed before anything else (every host runs the same command).
     c.distributed = False
 
-    # What to load. Exactly one of preset (random init) / hf_path (HF checkpoint dir, local or gs://).
+    # What to load. Exactly one of preset (random init) / hf_path (HF checkpoint: local dir, gs:// or hub id).
     c.model = ml_collections.ConfigDict()
     c.model.preset = ""
     c.model.hf_path = ""
@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"
     c.model.scan_layers = True  # False unrolls the layers of training forwards: faster for a few layers on CPU
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.path = ""  # empty: the tokenizer shipped in kardia_jax/assets/tokenizer
+    c.tokenizer.path = ""  # empty: the shipped kardia_jax/assets/tokenizer; or a local dir, gs:// or hub id
 
     # Mesh sizes (one may be -1: all remaining devices) and logical-axis rules of the policy.
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})

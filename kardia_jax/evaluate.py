@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from kardia_jax import checkpoints, sharding, training
+from kardia_jax import checkpoints, sharding, storage, training
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.data.schema import TurnSample
@@ -199,13 +199,9 @@ def load_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, mesh) ->
     """The policy stored at `checkpoint`: a Hugging Face directory (config.json + safetensors, with its
     tokenizer files if any), or an Orbax checkpoint written by a trainer (its root: the newest step; or
     one step's directory). An Orbax checkpoint is read into the model `config.model` describes."""
-    files = os.listdir(checkpoint) if os.path.isdir(checkpoint) else []
+    files = storage.listdir(checkpoint) if storage.isdir(checkpoint) else []
     if "config.json" in files and any(f.endswith(".safetensors") for f in files):
-        config = ml_collections.ConfigDict(config.to_dict())
-        config.model.hf_path, config.model.preset = checkpoint, ""
-        if not config.tokenizer.path and any(f.startswith("tokenizer") for f in files):
-            config.tokenizer.path = checkpoint
-        return training.load_policy(config, mesh)
+        return training.load_policy(training.with_checkpoint(config, checkpoint), mesh)
 
     root, step = checkpoint.rstrip("/"), None
     if os.path.basename(root).isdigit():

@@ -11,8 +11,17 @@ Values are scalars: Python numbers, NumPy scalars or 0-d/one-element jax.Arrays.
 the device with one `jax.device_get` per call. Non-finite values are written as JSON `null` (strict JSON)
 and read back as NaN by `read_jsonl`.
 
-`workdir` must be a local directory: appending to a `gs://` object is not possible. Keep metrics on the
-VM's disk (checkpoints may still go to GCS) and copy them afterwards, e.g. with `gsutil rsync`.
+`workdir` may be `gs://...`. Objects cannot be appended to, so the logger then writes both files into a
+local mirror directory exactly as above (an existing metrics.jsonl is downloaded into it first, so a
+resumed run continues it) and uploads the mirror's files, each rewritten whole, at most once every
+`upload_interval_s` seconds (default 60) from `log`, and on `flush()` / `close()`. Cost: one upload of
+metrics.jsonl and of this run's event file per interval, each as large as the file so far (a 10,000-step
+run logging 30 metrics grows them to ~8 MB and ~20 MB); a crash loses at most the last interval's rows,
+which the resumed run, restarting from its last checkpoint, logs again. (tensorboardX can write gs://
+itself, but re-uploads the whole file from a garbage-collected writer too, and retries for 120 s when
+the endpoint is gone, e.g. at interpreter exit; and it would be a second way to write GCS.)
+
+`plot_curves` reads and writes through `kardia_jax.storage`, so both paths may be local or gs://.
 
 `Timer` measures the wall-time split of a step (sampling / judging / update).
 """
@@ -20,9 +29,12 @@ VM's disk (checkpoints may still go to GCS) and copy them afterwards, e.g. with 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -33,6 +45,8 @@ import tensorboardX
 import tqdm
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from kardia_jax import storage
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
@@ -63,22 +77,29 @@ def _format_value(value: float) -> str:
 class MetricsLogger:
     """Writes scalar metrics to `<workdir>/metrics.jsonl`, TensorBoard and the console, on process 0.
 
-    Use as a context manager (or call `close()`) so the TensorBoard file and the bar are flushed.
+    `workdir` is local or gs:// (see the module docstring for how gs:// is written). Use as a context
+    manager (or call `close()`) so the TensorBoard file, the bar and a gs:// workdir's files are flushed.
     """
 
-    def __init__(self, workdir: str | os.PathLike):
+    def __init__(self, workdir: str | os.PathLike, *, upload_interval_s: float = 60.0):
         workdir = os.fspath(workdir)
-        if "://" in workdir:
-            raise ValueError(
-                f"MetricsLogger needs a local workdir, got {workdir!r}: files on object stores cannot be "
-                "appended to. Log to the VM's disk and copy the files to GCS afterwards."
-            )
         self.workdir = workdir
         self.jsonl_path = os.path.join(workdir, METRICS_FILENAME)
         self.enabled = jax.process_index() == 0
+        self._upload_interval_s = upload_interval_s
+        self._last_upload = time.monotonic()
         self._tensorboard: tensorboardX.SummaryWriter | None = None
         self._bar: tqdm.tqdm | None = None
-        if self.enabled:
+        # Where the files are written: the workdir itself, or a local mirror of a gs:// workdir.
+        self._local_dir = workdir
+        if not self.enabled:
+            return
+        if storage.is_gcs(workdir):
+            self._local_dir = tempfile.mkdtemp(prefix="kardia_metrics_")
+            if storage.exists(self.jsonl_path):
+                with open(os.path.join(self._local_dir, METRICS_FILENAME), "wb") as f:
+                    f.write(storage.read_bytes(self.jsonl_path))
+        else:
             os.makedirs(workdir, exist_ok=True)
 
     def progress(self, total_steps: int, initial_step: int = 0) -> None:
@@ -97,13 +118,15 @@ class MetricsLogger:
         values = _scalars_to_floats(step, scalars)
 
         row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
-        with open(self.jsonl_path, "a", encoding="utf-8") as f:
+        with open(os.path.join(self._local_dir, METRICS_FILENAME), "a", encoding="utf-8") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
 
         if self._tensorboard is None:
             # purge_step: TensorBoard hides events a crashed run wrote after the step this run resumes at.
+            # The suffix keeps a resumed run's file from replacing the last one's (names carry only the
+            # second and the host), which matters on gs://, where each upload rewrites the whole file.
             self._tensorboard = tensorboardX.SummaryWriter(
-                os.path.join(self.workdir, TENSORBOARD_DIRNAME), purge_step=step
+                os.path.join(self._local_dir, TENSORBOARD_DIRNAME), purge_step=step, filename_suffix=f".from{step}"
             )
         for key, value in values.items():
             self._tensorboard.add_scalar(key, value, global_step=step)
@@ -114,15 +137,28 @@ class MetricsLogger:
         else:
             self._bar.set_postfix_str(line, refresh=False)
             self._bar.update(max(0, step - self._bar.n))
+        if time.monotonic() - self._last_upload >= self._upload_interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Flushes TensorBoard's file; for a gs:// workdir, uploads the files (whole) now."""
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+        if self.enabled and self._local_dir != self.workdir:
+            storage.copy_dir_to(self._local_dir, self.workdir)
+        self._last_upload = time.monotonic()
 
     def close(self) -> None:
-        """Flushes and closes the TensorBoard writer and the progress bar."""
+        """Closes the TensorBoard writer and the progress bar; uploads a gs:// workdir's files a last time."""
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self.enabled and self._local_dir != self.workdir and os.path.isdir(self._local_dir):
+            self.flush()
+            shutil.rmtree(self._local_dir)
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -132,20 +168,19 @@ class MetricsLogger:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, float]]:
-    """All rows of a metrics.jsonl file, in file order; `null` values come back as NaN."""
+    """All rows of a metrics.jsonl file (local or gs://), in file order; `null` values come back as NaN."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}, line {line_number}: not valid JSON ({error}); a crash mid-write can leave a "
-                    "truncated last line: delete that line."
-                ) from error
-            rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
+    for line_number, line in enumerate(storage.read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}, line {line_number}: not valid JSON ({error}); a crash mid-write can leave a "
+                "truncated last line: delete that line."
+            ) from error
+        rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
     return rows
 
 
@@ -178,8 +213,11 @@ def plot_curves(
 ) -> None:
     """Plots `keys` against step from a metrics.jsonl file into one PNG (e.g. the GRPO reward curves).
 
-    With `smoothing_window > 1` the raw values are drawn faintly and their trailing mean on top.
+    Both paths may be local or gs://; only process 0 writes (every process may call it). With
+    `smoothing_window > 1` the raw values are drawn faintly and their trailing mean on top.
     """
+    if jax.process_index() != 0:
+        return
     rows = _last_row_per_step(read_jsonl(jsonl_path))
     available = sorted({key for row in rows for key in row} - {"step"})
     missing = [key for key in keys if key not in available]
@@ -204,8 +242,9 @@ def plot_curves(
     if title:
         axes.set_title(title)
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    figure.savefig(png_path)
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    storage.write_bytes(png_path, png.getvalue())
 
 
 class Timer:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -36,7 +37,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from kardia_jax import checkpoints, evaluate, metrics, sharding, training
+from kardia_jax import checkpoints, evaluate, metrics, sharding, storage, training
 from kardia_jax.data.pipeline import BatchConfig, load_samples, sft_pipeline
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.models import fused_token_loss, save_pretrained
@@ -147,17 +148,21 @@ def _evaluate(graphdef, params, tokenizer, samples, config, mesh) -> dict[str, A
 
 
 def _save_hf(graphdef, params, tokenizer, directory: str) -> None:
-    """The model (HF safetensors + config.json) and tokenizer files in `directory`, written to a
-    temporary sibling and renamed, so a reader never sees a half-written model."""
-    tmp = directory + ".tmp"
-    if jax.process_index() == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    save_pretrained(nnx.merge(graphdef, params), tmp)
-    training.save_tokenizer(tokenizer, tmp)
-    if jax.process_index() == 0:
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+    """The model (HF safetensors + config.json) and tokenizer files in `directory` (local or gs://), so
+    that a reader never sees a half-written model: they are staged (locally: in the sibling
+    `<directory>.tmp`; for gs://: in a local temp dir) and published by `storage.publish_dir`, which
+    renames the sibling into place, or uploads the files and writes the `_COMPLETE` marker last
+    (`storage.is_complete` is what readers check)."""
+    is_writer, remote = jax.process_index() == 0, storage.is_gcs(directory)
+    stage = tempfile.mkdtemp(prefix="kardia_hf_") if remote else directory + ".tmp"
+    if is_writer and not remote and os.path.exists(stage):
+        shutil.rmtree(stage)
+    save_pretrained(nnx.merge(graphdef, params), stage)  # every process: it gathers; process 0 writes
+    training.save_tokenizer(tokenizer, stage)
+    if is_writer:
+        storage.publish_dir(stage, directory)
+    elif remote:
+        os.rmdir(stage)  # this process wrote nothing into it
 
 
 def _summary(before: dict | None, after: dict, steps: int) -> dict[str, Any]:

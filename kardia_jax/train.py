@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from kardia_jax import checkpoints, metrics, rewards, sharding, training
+from kardia_jax import checkpoints, metrics, rewards, sharding, storage, training
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.grpo import GRPOConfig, group_advantages, grpo_metrics, loss_normalizers, token_loss, token_terms
@@ -243,19 +243,13 @@ def _repeat(x: jax.Array, g: int) -> jax.Array:
 
 
 def _initial_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config whose `model.*` `training.load_policy` reads: the SFT result unless told otherwise."""
-    config = ml_collections.ConfigDict(config.to_dict())
+    """The config whose `model.*` and `tokenizer.*` `training.load_policy` reads: grpo.init_from if set,
+    else the SFT export `<workdir>/sft/hf` once it is complete (local or gs://), with the tokenizer saved
+    there (it carries the span markers SFT trained), else the config's own model."""
     sft_hf = os.path.join(config.workdir, "sft", "hf")
-    start = config.grpo.init_from or (sft_hf if os.path.isdir(sft_hf) else "")
-    if start:
-        config.model.hf_path = start
-        config.model.preset = ""
-        if not config.tokenizer.path and os.path.isdir(start) and any(
-            f.startswith("tokenizer") for f in os.listdir(start)
-        ):
-            config.tokenizer.path = start
+    start = config.grpo.init_from or (sft_hf if storage.is_complete(sft_hf) else "")
     logging.info("GRPO starts from %s", start or f"model preset {config.model.preset!r}")
-    return config
+    return training.with_checkpoint(config, start) if start else ml_collections.ConfigDict(config.to_dict())
 
 
 def reward_table(steps: Steps, params, judge_params, judge, pipeline, mesh, max_new_tokens: int) -> dict[str, float]:

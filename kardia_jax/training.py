@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -31,7 +32,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kardia_jax import checkpoints, sharding
+from kardia_jax import checkpoints, sharding, storage
 from kardia_jax.models import Decoder, ModelConfig, from_pretrained, preset, resize_vocab
 from kardia_jax.models.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, tokenizer_path
 
@@ -79,7 +80,7 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Decoder,
     embedding); a tokenizer whose own vocabulary is larger than the checkpoint's belongs to another
     model and is an error.
     """
-    tokenizer = load_tokenizer(config.tokenizer.path or tokenizer_path())
+    tokenizer = load_tokenizer(config.tokenizer.path or tokenizer_path(), key="tokenizer.path")
     rules = sharding.rules_from_config(config.rules)
     overrides = model_overrides(config.model)
     hf_path, preset_name = config.model.hf_path, config.model.preset
@@ -123,18 +124,38 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Decoder,
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str) -> None:
-    """Writes the tokenizer's files (span markers included) into the directory `path`, so that
-    `load_tokenizer(path)` and `transformers.AutoTokenizer.from_pretrained(path)` read it back."""
+    """Writes the tokenizer's files (span markers included) into the directory `path` (local or gs://),
+    so that `load_tokenizer(path)` and `transformers.AutoTokenizer.from_pretrained(path)` read it back.
+    Process 0 only."""
     if jax.process_index() != 0:
         return
-    os.makedirs(path, exist_ok=True)
     if isinstance(tokenizer, HFTokenizer):
-        tokenizer.hf.save_pretrained(path)
+        if storage.is_gcs(path):  # transformers writes only to a local directory
+            with tempfile.TemporaryDirectory(prefix="kardia_tokenizer_") as local:
+                tokenizer.hf.save_pretrained(local)
+                storage.copy_dir_to(local, path)
+        else:
+            tokenizer.hf.save_pretrained(path)
     elif isinstance(tokenizer, SentencePieceTokenizer):
-        with open(os.path.join(path, "tokenizer.model"), "wb") as f:
-            f.write(tokenizer.sp.serialized_model_proto())
+        storage.write_bytes(os.path.join(path, "tokenizer.model"), tokenizer.sp.serialized_model_proto())
     else:
         raise TypeError(f"save_tokenizer: don't know how to save a {type(tokenizer).__name__}.")
+
+
+def with_checkpoint(config: ml_collections.ConfigDict, hf_dir: str) -> ml_collections.ConfigDict:
+    """A copy of `config` whose policy is the Hugging Face directory `hf_dir` (local or gs://): model.hf_path
+    set, model.preset cleared, and, when `hf_dir` holds tokenizer files, tokenizer.path = `hf_dir`. A
+    trainer's export carries the tokenizer it was trained with (the span markers it added), which a
+    tokenizer.path naming the base model's tokenizer (a hub id in the TPU configs) would lack."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.hf_path, config.model.preset = hf_dir, ""
+    if not storage.is_hub_id(hf_dir) and storage.isdir(hf_dir) and any(
+            name.startswith("tokenizer") for name in storage.listdir(hf_dir)):
+        if config.tokenizer.path and config.tokenizer.path != hf_dir:
+            logging.info("Using the tokenizer saved with %s instead of tokenizer.path=%r.", hf_dir,
+                         config.tokenizer.path)
+        config.tokenizer.path = hf_dir
+    return config
 
 
 # -- the optimizer -------------------------------------------------------------------------------
@@ -267,22 +288,18 @@ def config_snapshot(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def write_json(path: str, data: Any) -> None:
-    """Writes `data` as JSON to `path` (process 0 only), atomically: a reader never sees half a file."""
+    """Writes `data` as JSON to `path` (local or gs://; process 0 only), atomically: a reader never sees
+    half a file."""
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def read_json(path: str) -> Any | None:
-    """The JSON document at `path`, or None if there is none."""
-    if not os.path.exists(path):
+    """The JSON document at `path` (local or gs://), or None if there is none."""
+    if not storage.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def num_params(tree) -> int:

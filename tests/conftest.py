@@ -11,3 +11,30 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gcsfs reads this at import: its default filesystem asks a Storage Control gRPC API, which the GCS
+# emulator lacks, about each bucket (see kardia_jax/rehearsal/gcs.py). Set before anything imports gcsfs.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import itertools  # noqa: E402
+
+import pytest  # noqa: E402
+
+GCS_BUCKET = "kardia-test"
+_gcs_dirs = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A GCS emulator for the whole session (bucket `kardia-test`); gs:// reaches it while it runs."""
+    from kardia_jax.rehearsal import gcs  # pylint: disable=import-outside-toplevel
+
+    with gcs.emulator(buckets=(GCS_BUCKET,)) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def gcs_dir(gcs_emulator, request):
+    """A fresh `gs://kardia-test/<n>-<test name>` prefix on the session's emulator (nothing under it yet)."""
+    del gcs_emulator
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+    return f"gs://{GCS_BUCKET}/{next(_gcs_dirs)}-{name}"

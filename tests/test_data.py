@@ -138,57 +138,6 @@ def test_directory_parquet_and_jsonl_sources_agree(tmp_path):
         sources.load_dialogues(str(tmp_path), "validation")
 
 
-class _FakeBlob:
-    def __init__(self, root, name):
-        self.name, self._path = name, root / name
-
-    def exists(self):
-        return self._path.is_file()
-
-    def download_as_bytes(self):
-        return self._path.read_bytes()
-
-
-class _FakeClient:
-    """google.cloud.storage.Client over a local directory standing for bucket 'bkt'."""
-
-    def __init__(self, root):
-        self._root = root
-
-    def bucket(self, name):
-        assert name == "bkt"
-        return self
-
-    def blob(self, name):
-        return _FakeBlob(self._root, name)
-
-
-def test_gcs_source_reads_through_the_storage_client(tmp_path, monkeypatch):
-    (tmp_path / "kardia").mkdir()
-    _write_jsonl(tmp_path / "kardia" / "train.jsonl", [_row(), _row()])
-    monkeypatch.setattr(sources, "_gcs_client", lambda: _FakeClient(tmp_path))
-    dialogues, stats = sources.load_dialogues("gs://bkt/kardia", "train")
-    assert len(dialogues) == 2 and stats.source == "gs://bkt/kardia/train.jsonl"
-    assert len(sources.load_dialogues("gs://bkt/kardia/train.jsonl", "train")[0]) == 2
-    with pytest.raises(FileNotFoundError, match="No test.jsonl"):
-        sources.load_dialogues("gs://bkt/kardia", "test")
-
-
-def test_hf_source_calls_load_dataset_with_the_split(monkeypatch):
-    import datasets  # pylint: disable=import-outside-toplevel
-
-    calls = []
-
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
-        return [_row(), _row(emotion="joyful")]
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    dialogues, stats = sources.load_dialogues("hf://Jhcircle/KardiaBench", "test")
-    assert calls == [("Jhcircle/KardiaBench", "test")]
-    assert [d.emotion for d in dialogues] == ["annoyed", "joyful"] and dialogues[1].dialogue_id == "test-000002"
-
-
 # The shipped sample.
 
 

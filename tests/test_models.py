@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from helpers_hf import hf_logits, left_padded_batch, make_hf_model
+from kardia_jax import storage
 from kardia_jax.models import (
     PRESETS,
     chunked_logprobs,
@@ -38,7 +39,6 @@ from kardia_jax.models import (
     save_pretrained,
     to_hf_config,
 )
-from kardia_jax.models import weights as weights_module
 from kardia_jax.sharding import make_mesh
 
 # Named tiny HF models: name -> (family, config overrides).
@@ -457,28 +457,15 @@ def test_missing_directory_and_config(tmp_path):
 # -- 7. gs:// paths -------------------------------------------------------------------------------------
 
 
-def test_gcs_paths_use_download_and_upload(zoo, batch, tmp_path, monkeypatch):
+def test_gcs_round_trip(zoo, batch, gcs_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where gs:// checkpoints are copied to
     _, path = zoo("gemma")
     tokens, mask = batch
-    downloads, uploads = [], []
-    bucket = tmp_path / "bucket"
-
-    def fake_download(gcs_path):
-        downloads.append(gcs_path)
-        return str(bucket / gcs_path[len("gs://bucket/"):]) if gcs_path != "gs://bucket/x" else path
-
-    def fake_upload(local, gcs_path):
-        uploads.append(gcs_path)
-        shutil.copytree(local, bucket / gcs_path[len("gs://bucket/"):])
-
-    monkeypatch.setattr(weights_module, "_download_gcs_dir", fake_download)
-    monkeypatch.setattr(weights_module, "_upload_gcs_dir", fake_upload)
-    model = from_pretrained("gs://bucket/x")
-    assert downloads == ["gs://bucket/x"]
-    save_pretrained(model, "gs://bucket/out/step1", max_shard_bytes=100_000)
-    assert uploads == ["gs://bucket/out/step1"]
-    assert "model.safetensors.index.json" in os.listdir(bucket / "out/step1")
-    again = from_pretrained("gs://bucket/out/step1")
+    storage.copy_dir_to(path, f"{gcs_dir}/x")
+    model = from_pretrained(f"{gcs_dir}/x")
+    save_pretrained(model, f"{gcs_dir}/out/step1", max_shard_bytes=100_000)
+    assert "model.safetensors.index.json" in storage.listdir(f"{gcs_dir}/out/step1")
+    again = from_pretrained(f"{gcs_dir}/out/step1")
     np.testing.assert_array_equal(np.asarray(forward(again, tokens, mask)), np.asarray(forward(model, tokens, mask)))
 
 

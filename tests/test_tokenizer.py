@@ -1,8 +1,8 @@
-"""Tokenizers: the shipped BPE, an HF tokenizer without markers, SentencePiece (Gemma format), gs:// loading."""
+"""Tokenizers: the shipped BPE, an HF tokenizer without markers, SentencePiece (Gemma format). (Loading from
+gs:// and hub ids: tests/test_storage.py.)"""
 
 import importlib.util
 import pathlib
-import shutil
 
 import pytest
 import sentencepiece
@@ -143,26 +143,4 @@ def test_sentencepiece_model_already_holding_the_markers_adds_nothing(tmp_path):
     tok = tokenizer_lib.load_tokenizer(str(tmp_path / "tokenizer.model"))
     assert tok.num_added_tokens == 2  # only Gemma's <start_of_turn>, <end_of_turn>
     assert all(i < 800 for i in tok.marker_ids.values())
-    _assert_markers_are_single_round_tripping_ids(tok)
-
-
-class _FakeBlob:
-    def __init__(self, path, name):
-        self.name, self._path = name, path
-
-    def download_to_filename(self, filename):
-        shutil.copy(self._path, filename)
-
-
-def test_gcs_tokenizer_is_copied_to_a_local_dir_first(monkeypatch):
-    local = pathlib.Path(tokenizer_lib.tokenizer_path())
-
-    class FakeClient:
-        def list_blobs(self, bucket, prefix, delimiter):
-            assert (bucket, prefix, delimiter) == ("bkt", "tok/", "/")
-            return [_FakeBlob(p, f"tok/{p.name}") for p in sorted(local.iterdir())]
-
-    monkeypatch.setattr(sources, "_gcs_client", FakeClient)
-    tok = tokenizer_lib.load_tokenizer("gs://bkt/tok")
-    assert tok.vocab_size == tokenizer_lib.load_tokenizer(str(local)).vocab_size
     _assert_markers_are_single_round_tripping_ids(tok)

@@ -5,9 +5,11 @@
   * a local `.jsonl` or `.parquet` file (read as is; `split` only names its dialogue ids),
   * a local directory holding `<split>.jsonl` or `<split>.parquet` (KardiaBench ships `train.jsonl` and
     `test.jsonl`),
-  * the same two forms under `gs://bucket/...` (read with google-cloud-storage, imported on first use),
-  * `hf://owner/name`, e.g. `hf://Jhcircle/KardiaBench`: `datasets.load_dataset(name, split=split)`
-    (the dataset is gated: accept its terms on the hub and log in first).
+  * the same two forms under `gs://bucket/...` (read through `kardia_jax.storage`),
+  * `hf://owner/name`, e.g. `hf://Jhcircle/KardiaBench`: the dataset repository's `<split>.jsonl` or
+    `<split>.parquet`, fetched with `huggingface_hub.snapshot_download(repo_type="dataset")` into the HF
+    cache (with HF_HUB_OFFLINE=1 only the cache is read). KardiaBench is gated: accept its terms on the
+    hub and log in first, or pre-download it.
 
 `sample_path()` is the dialogue sample shipped with the package (synthetic, written by
 `scripts/make_sample_data.py`): `load_dialogues(sample_path(), "train")`.
@@ -29,9 +31,11 @@ from typing import Any, Iterator
 
 from absl import logging
 
+from kardia_jax import storage
 from kardia_jax.data.schema import BAD_JSON, DataError, Dialogue, parse_dialogue
 
 FILE_FORMATS = (".jsonl", ".parquet")
+KEY = "data.source"  # the config key that names a source, for error messages
 
 
 def sample_path() -> str:
@@ -96,28 +100,29 @@ def load_dialogues(source: str, split: str, on_bad_row: str = "raise") -> tuple[
 
 
 def _open_rows(source: str, split: str) -> tuple[str, Iterator[tuple[int, Any]]]:
-    """(the file or dataset actually read, an iterator of (1-based row number, raw row or DataError))."""
+    """(the file actually read, an iterator of (1-based row number, raw row or DataError))."""
     if source.startswith("hf://"):
-        return source, _hf_rows(source[len("hf://"):], split)
-    if source.startswith("gs://"):
-        path = source if source.endswith(FILE_FORMATS) else _find_gcs_split(source, split)
-        return path, _rows_from_bytes(path, read_gcs_bytes(path))
-    path = source if os.path.isfile(source) else _find_local_split(source, split)
-    with open(path, "rb") as f:
-        data = f.read()
-    return path, _rows_from_bytes(path, data)
+        name = source[len("hf://"):]
+        directory = storage.fetch_hf(name, [split + ext for ext in FILE_FORMATS], repo_type="dataset", key=KEY)
+        path = _find_split(directory, split, shown_as=source)
+    elif storage.isfile(source):
+        path = source
+    elif storage.isdir(source):
+        path = _find_split(source, split, shown_as=source)
+    else:
+        raise storage.missing_error(source, KEY, "Give a .jsonl or .parquet file, a directory holding "
+                                    "<split>.jsonl, a gs:// path to either, or hf://owner/name.")
+    return path, _rows_from_bytes(path, storage.read_bytes(path, KEY))
 
 
-def _find_local_split(directory: str, split: str) -> str:
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"Data source '{directory}' is neither a file nor a directory. Give a .jsonl or "
-                                ".parquet file, a directory holding <split>.jsonl, a gs:// path or hf://owner/name.")
+def _find_split(directory: str, split: str, shown_as: str) -> str:
+    """`<directory>/<split>.jsonl` or `.parquet`, whichever exists (local or gs://)."""
     for ext in FILE_FORMATS:
         path = os.path.join(directory, split + ext)
-        if os.path.isfile(path):
+        if storage.isfile(path):
             return path
-    raise FileNotFoundError(f"No {split}.jsonl or {split}.parquet in '{directory}' (it holds: "
-                            f"{sorted(os.listdir(directory))}). Check the split name or the directory.")
+    raise FileNotFoundError(f"No {split}.jsonl or {split}.parquet in '{shown_as}' (config key {KEY}; it holds: "
+                            f"{storage.listdir(directory)}). Check the split name or the directory.")
 
 
 def _rows_from_bytes(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
@@ -135,56 +140,3 @@ def _rows_from_bytes(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as e:
             yield line_number, DataError(path, line_number, "<row>", BAD_JSON, f"the line is not valid JSON ({e}).",
                                          "write one JSON object per line.")
-
-
-def _hf_rows(name: str, split: str) -> Iterator[tuple[int, Any]]:
-    import datasets  # pylint: disable=import-outside-toplevel
-
-    for i, row in enumerate(datasets.load_dataset(name, split=split)):
-        yield i + 1, row
-
-
-# Google Cloud Storage. `_gcs_client` is the single place that touches the network (tests replace it).
-
-
-def _gcs_client():
-    from google.cloud import storage  # pylint: disable=import-outside-toplevel
-
-    return storage.Client()
-
-
-def _split_gcs(uri: str) -> tuple[str, str]:
-    bucket, _, name = uri[len("gs://"):].partition("/")
-    return bucket, name.strip("/")
-
-
-def read_gcs_bytes(uri: str) -> bytes:
-    """The contents of the object `gs://bucket/name`."""
-    bucket, name = _split_gcs(uri)
-    blob = _gcs_client().bucket(bucket).blob(name)
-    if not blob.exists():
-        raise FileNotFoundError(f"'{uri}' does not exist. Check the path and your access to the bucket.")
-    return blob.download_as_bytes()
-
-
-def _find_gcs_split(prefix: str, split: str) -> str:
-    bucket, name = _split_gcs(prefix)
-    client = _gcs_client()
-    for ext in FILE_FORMATS:
-        if client.bucket(bucket).blob(f"{name}/{split}{ext}").exists():
-            return f"gs://{bucket}/{name}/{split}{ext}"
-    raise FileNotFoundError(f"No {split}.jsonl or {split}.parquet under '{prefix}'. Check the split name or path.")
-
-
-def download_gcs_dir(uri: str, local_dir: str) -> None:
-    """Copies every object directly under the prefix `uri` (not deeper) into `local_dir`."""
-    bucket, name = _split_gcs(uri)
-    prefix = f"{name}/" if name else ""
-    found = 0
-    for blob in _gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/"):
-        filename = blob.name[len(prefix):]
-        if filename:
-            blob.download_to_filename(os.path.join(local_dir, filename))
-            found += 1
-    if not found:
-        raise FileNotFoundError(f"No files under '{uri}'. Check the path and your access to the bucket.")

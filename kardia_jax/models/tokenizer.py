@@ -1,7 +1,7 @@
 """One tokenizer interface over Hugging Face tokenizers and SentencePiece models, with the span markers.
 
-`load_tokenizer(path)` picks the backend from the files in `path` (a local directory or `gs://` prefix,
-copied to a temporary directory first):
+`load_tokenizer(path)` picks the backend from the files in `path` (a local directory, a `gs://` prefix
+or a Hugging Face hub id, fetched to a local directory by `kardia_jax.storage.fetch_hf` first):
 
   * `tokenizer.json` / `tokenizer_config.json` -> `HFTokenizer` (transformers.AutoTokenizer: Qwen2.5,
     Qwen3, Gemma on the hub, the shipped tokenizer). Chats are rendered with the tokenizer's own chat
@@ -25,9 +25,9 @@ import abc
 import importlib.resources
 import os
 import re
-import tempfile
 from typing import Sequence
 
+from kardia_jax import storage
 from kardia_jax.data.prompts import fold_system_message
 from kardia_jax.data.spans import MARKER_TOKENS
 
@@ -236,31 +236,42 @@ class SentencePieceTokenizer(Tokenizer):
         return "".join(turns)
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """Loads the tokenizer in `path` (directory, `.model` file, or `gs://` prefix), markers included."""
-    if path.startswith("gs://"):
-        from kardia_jax.data.sources import download_gcs_dir  # pylint: disable=import-outside-toplevel
+# Files a tokenizer may need (no weights): tokenizer.json/_config.json, special_tokens_map.json,
+# config.json (AutoTokenizer reads the model type there), vocab/merges, SentencePiece models, templates.
+TOKENIZER_FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken")
 
-        with tempfile.TemporaryDirectory() as local_dir:
-            download_gcs_dir(path, local_dir)
-            return load_tokenizer(local_dir)
-    if os.path.isfile(path) and path.endswith(".model"):
+
+def load_tokenizer(path: str, key: str = "") -> Tokenizer:
+    """Loads the tokenizer in `path`, span markers included.
+
+    `path`: a local directory or `.model` file, a `gs://` directory or `.model` file, or a Hugging Face
+    hub id (`org/name`; read from the HF cache with HF_HUB_OFFLINE=1). `key` names the config key that
+    gave `path`, for error messages.
+    """
+    if path.endswith(".model") and not storage.is_hub_id(path):
+        if storage.is_gcs(path):
+            directory, name = path.rsplit("/", 1)
+            path = os.path.join(storage.local_copy(directory, [name], key), name)
+        if not os.path.isfile(path):
+            raise storage.missing_error(path, key, "Give a SentencePiece .model file or a tokenizer directory.")
         return SentencePieceTokenizer(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Tokenizer path '{path}' is not a directory or a .model file.")
-    files = set(os.listdir(path))
+    directory = storage.fetch_hf(path, TOKENIZER_FILES, key=key)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Tokenizer path '{path}'{f' (config key {key})' if key else ''} is not a "
+                                "directory or a .model file.")
+    files = set(os.listdir(directory))
     if "tokenizer.json" in files:
         # The fast tokenizer exactly as tokenizer.json defines it: AutoTokenizer would rebuild it from
         # the model type of a config.json in the same directory (e.g. as a Qwen2Tokenizer, which
         # pre-tokenizes digits differently from the shipped tokenizer).
         from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
 
-        return HFTokenizer(PreTrainedTokenizerFast.from_pretrained(path))
+        return HFTokenizer(PreTrainedTokenizerFast.from_pretrained(directory))
     if "tokenizer_config.json" in files:
         from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
-        return HFTokenizer(AutoTokenizer.from_pretrained(path))
+        return HFTokenizer(AutoTokenizer.from_pretrained(directory))
     if "tokenizer.model" in files:
-        return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
-    raise FileNotFoundError(f"No tokenizer.json, tokenizer_config.json or tokenizer.model in '{path}' (it holds "
-                            f"{sorted(files)}).")
+        return SentencePieceTokenizer(os.path.join(directory, "tokenizer.model"))
+    raise FileNotFoundError(f"No tokenizer.json, tokenizer_config.json or tokenizer.model in '{path}'"
+                            f"{f' (config key {key})' if key else ''}; it holds {sorted(files)}.")

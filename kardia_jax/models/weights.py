@@ -1,8 +1,9 @@
 """Hugging Face checkpoints <-> kardia_jax decoders.
 
 `from_pretrained` reads a HF model directory (config.json + *.safetensors, sharded index supported) from a
-local path or `gs://`, and builds every parameter directly as a sharded `jax.Array`: each device's shard
-is read from the memory-mapped safetensors file by slice, so no host ever holds the whole model.
+local path, `gs://` or a hub id (through `kardia_jax.storage.fetch_hf`), and builds every parameter
+directly as a sharded `jax.Array`: each device's shard is read from the memory-mapped safetensors file by
+slice, so no host ever holds the whole model.
 `save_pretrained` writes the HF layout back (config.json + safetensors shards + index), which
 `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from kardia_jax import sharding
+from kardia_jax import sharding, storage
 from kardia_jax.models.config import DTYPES, ModelConfig, from_hf_config, to_hf_config
 from kardia_jax.models.decoder import Decoder
 
@@ -86,40 +88,8 @@ def _tensor_maps(c: ModelConfig) -> dict[str, _TensorMap]:
 # -- reading -------------------------------------------------------------------------------------
 
 
-def _local_dir(path: str) -> str:
-    """A local directory with the checkpoint's files: a local path as is; `gs://bucket/dir` copied to a
-    temp dir; a Hugging Face hub id (`org/name`) fetched into the HF cache (config and safetensors only)."""
-    if path.startswith("gs://"):
-        return _download_gcs_dir(path)
-    if os.path.isdir(path):
-        return path
-    if path.count("/") == 1 and not path.startswith((".", "/")):
-        return _download_hub(path)
-    raise FileNotFoundError(f"Checkpoint {path!r} is neither a local directory, a gs:// path nor a hub id (org/name).")
-
-
-def _download_hub(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download  # lazy: only needed for hub ids
-
-    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja"])
-
-
-def _download_gcs_dir(path: str) -> str:
-    """Copies config.json and the safetensors files of a `gs://bucket/prefix` to a local temp dir."""
-    from google.cloud import storage  # lazy: only needed for gs:// paths
-
-    bucket_name, _, prefix = path[len("gs://"):].partition("/")
-    prefix = prefix.rstrip("/") + "/"
-    local = tempfile.mkdtemp(prefix="kardia_ckpt_")
-    client = storage.Client()
-    blobs = [b for b in client.list_blobs(bucket_name, prefix=prefix) if "/" not in b.name[len(prefix):]]
-    if not blobs:
-        raise FileNotFoundError(f"No files under {path!r}.")
-    for blob in blobs:
-        name = blob.name[len(prefix):]
-        if name.endswith((".json", ".safetensors", ".model", ".txt", ".jinja")):
-            blob.download_to_filename(os.path.join(local, name))
-    return local
+# The files of a checkpoint directory that loading needs: config, weights, and the tokenizer's files.
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
 
 
 class _SafetensorsReader:
@@ -231,14 +201,18 @@ def from_pretrained(
     *,
     mesh: Mesh | None = None,
     rules: sharding.Rules = sharding.DEFAULT_RULES,
+    key: str = "model.hf_path",
     **config_overrides,
 ) -> Decoder:
-    """Loads a HF checkpoint directory (local or gs://) into a `Decoder`, sharded over `mesh`.
+    """Loads a HF checkpoint into a `Decoder`, sharded over `mesh`.
 
-    `config_overrides` set ModelConfig fields such as param_dtype, dtype, remat. Without a mesh the
-    model lives on the first device. Raises ValueError naming the file or tensor on any mismatch.
+    `path`: a local directory, `gs://bucket/dir` (copied to the local cache of `kardia_jax.storage`), or a
+    hub id `org/name` (fetched into the HF cache; config, safetensors and tokenizer files only). `key`
+    names the config key that gave `path`, for error messages. `config_overrides` set ModelConfig fields
+    such as param_dtype, dtype, remat. Without a mesh the model lives on the first device. Raises
+    ValueError naming the file or tensor on any mismatch.
     """
-    directory = _local_dir(path)
+    directory = storage.fetch_hf(path, CHECKPOINT_FILES, key=key)
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face model directory.")
@@ -294,16 +268,18 @@ def save_pretrained(model: Decoder, path: str, *, max_shard_bytes: int = 4 << 30
 
     Shards are written as they fill, so the host holds at most one shard plus one parameter. Every
     process must call this (gathering sharded parameters is collective); only process 0 writes.
-    `gs://` paths are written to a local temp dir and uploaded.
+    A `gs://` path is written to a local temp dir, uploaded (`storage.copy_dir_to`) and the temp dir
+    deleted; stale shards of an earlier save there are deleted first. (`sft` publishes its export with
+    `storage.publish_dir` instead, so that no reader sees half of it.)
     """
     is_writer = jax.process_index() == 0
-    local = tempfile.mkdtemp(prefix="kardia_save_") if path.startswith("gs://") else path
+    local = tempfile.mkdtemp(prefix="kardia_save_") if is_writer and storage.is_gcs(path) else path
     if is_writer:
         os.makedirs(local, exist_ok=True)
         # An earlier save with another shard count would leave weights that loaders prefer over ours.
-        for name in os.listdir(local):
+        for name in storage.listdir(path) if storage.isdir(path) else []:
             if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")):
-                os.remove(os.path.join(local, name))
+                storage.remove_tree(os.path.join(path, name))
     files, weight_map, total = [], {}, 0
     current: dict[str, np.ndarray] = {}
 
@@ -334,17 +310,9 @@ def save_pretrained(model: Decoder, path: str, *, max_shard_bytes: int = 4 << 30
             json.dump(index, f, indent=2)
     with open(os.path.join(local, "config.json"), "w") as f:
         json.dump(to_hf_config(model.config, **(hf_config_extra or {})), f, indent=2)
-    if path.startswith("gs://"):
-        _upload_gcs_dir(local, path)
-
-
-def _upload_gcs_dir(local: str, path: str) -> None:
-    from google.cloud import storage  # lazy: only needed for gs:// paths
-
-    bucket_name, _, prefix = path[len("gs://"):].partition("/")
-    bucket = storage.Client().bucket(bucket_name)
-    for name in os.listdir(local):
-        bucket.blob(f"{prefix.rstrip('/')}/{name}").upload_from_filename(os.path.join(local, name))
+    if local != path:
+        storage.copy_dir_to(local, path)
+        shutil.rmtree(local)
 
 
 def resize_vocab(model: Decoder, vocab_size: int, new_token_ids=()) -> None:

@@ -537,14 +537,14 @@ def load_judge(config, mesh, policy_tokenizer, policy_model: Decoder | None = No
     rules = sharding.rules_from_config(j.rules)
     overrides = model_overrides(j)
     if j.tokenizer_path:
-        tokenizer = load_tokenizer(j.tokenizer_path)
+        tokenizer = load_tokenizer(j.tokenizer_path, key="judge.tokenizer_path")
     elif j.hf_path:
-        tokenizer = load_tokenizer(weights._local_dir(j.hf_path))  # pylint: disable=protected-access
+        tokenizer = load_tokenizer(j.hf_path, key="judge.hf_path")
     else:
         tokenizer = policy_tokenizer
 
     if j.hf_path:
-        model = weights.from_pretrained(j.hf_path, mesh=mesh, rules=rules, **overrides)
+        model = weights.from_pretrained(j.hf_path, mesh=mesh, rules=rules, key="judge.hf_path", **overrides)
         graphdef, params = nnx.split(model)
         source = j.hf_path
     else:
