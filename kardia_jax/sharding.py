@@ -44,24 +44,31 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 
+def mesh_sizes(data: int, fsdp: int, tensor: int, device_count: int) -> dict[str, int]:
+    """{axis: size} of a (data, fsdp, tensor) mesh over `device_count` devices, the one size that may
+    be -1 resolved to the rest. Raises ValueError if the sizes do not fit the devices."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes):
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: sizes are positive, and at most one may be -1.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if device_count % known:
+            raise ValueError(
+                f"mesh sizes {dict(zip(MESH_AXES, sizes))}: {device_count} devices are not divisible by {known}."
+            )
+        sizes[sizes.index(-1)] = device_count // known
+    if math.prod(sizes) != device_count:
+        raise ValueError(
+            f"mesh sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices but {device_count} "
+            "are available; set one size to -1 to use the rest."
+        )
+    return dict(zip(MESH_AXES, sizes))
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all). One size may be -1: the rest."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one may be -1.")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(
-                f"mesh sizes {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not divisible by {known}."
-            )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"mesh sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices but {len(devices)} "
-            "are available; set one size to -1 to use the rest."
-        )
+    sizes = list(mesh_sizes(data, fsdp, tensor, len(devices)).values())
     try:  # Physical-topology-aware device order on TPU; plain order elsewhere.
         grid = mesh_utils.create_device_mesh(sizes, devices)
     except Exception:  # noqa: BLE001 - CPU/virtual devices have no topology to honour.

@@ -37,6 +37,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from kardia_jax import checkpoints, metrics, rewards, sharding, training
+from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.grpo import GRPOConfig, group_advantages, grpo_metrics, loss_normalizers, token_loss, token_terms
@@ -106,16 +107,12 @@ class RewardSpec:
 
 
 class Steps:
-    """The jitted phases of a GRPO step for one policy graph, judge and config. `judge` may be None when the rubric's weight is 0: only the reward
+    """The jitted phases of a GRPO step for one policy graph, judge and config (checked by
+    `kardia_jax.config.validate`). `judge` may be None when the rubric's weight is 0: only the reward
     components with a positive weight are computed and logged."""
 
     def __init__(self, graphdef, params, judge: RubricJudge | None, tokenizer, config: ml_collections.ConfigDict, optimizer):
         g = config.grpo
-        if g.prompts_per_step % g.num_minibatches:
-            raise ValueError(
-                f"grpo.num_minibatches={g.num_minibatches} must divide grpo.prompts_per_step={g.prompts_per_step}: a "
-                "minibatch holds whole groups (a prompt and its G samples)."
-            )
         self.config = config
         self.graphdef = graphdef
         # Gradients are pinned to the parameters' shardings: left to XLA they can come out replicated
@@ -284,12 +281,14 @@ def reward_table(steps: Steps, params, judge_params, judge, pipeline, mesh, max_
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """GRPO from config; returns {"before": reward table, "after": reward table, "steps": n}."""
+    config_lib.validate(config, "grpo")
     g = config.grpo
     mesh = sharding.mesh_from_config(config.mesh)
     workdir = os.path.join(config.workdir, "grpo")
     with jax.set_mesh(mesh):
         policy_config = _initial_model_config(config)
         model, tokenizer = training.load_policy(policy_config, mesh)
+        config_lib.check_policy_positions(config, "grpo", model.config)
         graphdef, params = nnx.split(model)
         ref_params = reference_params(params, DTYPES[config.model.dtype]) if g.beta > 0 else None
         judge, judge_params = (None, None)

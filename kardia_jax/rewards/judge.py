@@ -169,7 +169,7 @@ class RubricJudge:
         """The judge over `model` with the prompt budgets and chunking of `config.judge`."""
         return cls(model, tokenizer, policy_tokenizer, max_context_tokens=judge_config.max_context_tokens,
                    max_response_tokens=judge_config.max_response_tokens,
-                   rows_per_chunk=judge_config.get("rows_per_chunk", 0))
+                   rows_per_chunk=judge_config.rows_per_chunk)
 
     def __init__(self, model: Decoder, tokenizer, policy_tokenizer=None, *, max_context_tokens: int = 512,
                  max_response_tokens: int = 256, shared_vocab: bool | None = None, rows_per_chunk: int = 0):
@@ -197,6 +197,15 @@ class RubricJudge:
         self.context_length = self.max_context_tokens + len(self.mid_ids)  # the context block's width
         self.response_length = self.max_response_tokens + len(self.tail_ids)  # the response block's width
         self.prompt_length = len(self.head_ids) + self.context_length + self.response_length  # L, one contiguous prompt
+        longest = self.prompt_length + width  # a whole prompt with its longest criterion suffix
+        if longest > model.config.max_position_embeddings:
+            fixed = longest - self.max_context_tokens - self.max_response_tokens  # rubric text and suffix
+            raise ValueError(
+                f"The judge reads prompts of up to {longest} tokens ({fixed} of rubric and suffix + "
+                f"judge.max_context_tokens={self.max_context_tokens} + judge.max_response_tokens="
+                f"{self.max_response_tokens}), past the judge model's max_position_embeddings="
+                f"{model.config.max_position_embeddings}: lower config.judge.max_context_tokens or "
+                "config.judge.max_response_tokens.")
         constant = np.concatenate([self.head_ids, self.mid_ids, self.tail_ids, self.suffix_ids.ravel(), self.score_ids_array])
         if constant.max() >= self.vocab_size:
             raise ValueError(f"The judge prompt uses token id {constant.max()} but the judge model has only "
