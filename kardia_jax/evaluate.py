@@ -33,6 +33,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from kardia_jax import checkpoints, sharding, storage, training
+from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.data.schema import TurnSample
@@ -240,9 +241,11 @@ def main(argv):
     if not args.checkpoint:
         raise app.UsageError("--checkpoint is required (e.g. runs/tiny_cpu/sft/hf).")
     sharding.initialize_distributed(config.distributed)
+    config_lib.validate(config, "eval")
     mesh = sharding.mesh_from_config(config.mesh)
     with jax.set_mesh(mesh):
         model, tokenizer = load_checkpoint(config, args.checkpoint, mesh)
+        config_lib.check_policy_positions(config, "eval", model.config)
         samples = eval_samples(config, args.split or None, None if args.max_samples < 0 else args.max_samples)
         metrics = evaluate_generations(
             model, tokenizer, samples, max_new_tokens=config.sft.eval_max_new_tokens,

@@ -160,7 +160,7 @@ def check_pod_config(config: ml_collections.ConfigDict, processes: int, devices:
     if not config.workdir.startswith("gs://"):
         raise app.UsageError(f"config.workdir is {config.workdir!r}: a pod's hosts share their workdir on GCS, so "
                              "the rehearsal needs a gs:// workdir in the config (--config.workdir=gs://BUCKET/...).")
-    sharding.mesh_sizes(config.mesh, processes * devices)  # raises naming mesh.* if they do not divide
+    sharding.mesh_sizes(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, processes * devices)  # names mesh.*
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def rehearse_faults(r: Rehearsal) -> None:
     if not seen.get("sigterm") or latest is None or latest <= kill_step or latest >= total:
         raise RehearsalError(f"SIGTERM after step {kill_step}: expected every process to save a checkpoint past "
                              f"it and exit 0 before step {total}; newest checkpoint {latest}.")
-    if f"Resumed" not in job.output(0):
+    if "Resumed" not in job.output(0):
         raise RehearsalError("the restarted GRPO run did not say it resumed from a checkpoint.")
     print(f"   SIGTERM: every process exited 0, checkpoint of step {latest} written")
     r.run("grpo resumed to the end", "train", r.flags())

@@ -38,6 +38,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from kardia_jax import checkpoints, evaluate, metrics, sharding, storage, training
+from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, load_samples, sft_pipeline
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.models import fused_token_loss, save_pretrained
@@ -135,11 +136,6 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _option(section: ml_collections.ConfigDict, key: str, default):
-    """An optional config value (older config files may not have the key)."""
-    return section.get(key, default)
-
-
 def _evaluate(graphdef, params, tokenizer, samples, config, mesh) -> dict[str, Any]:
     sft = config.sft
     return evaluate.evaluate_generations(
@@ -185,14 +181,15 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
     "mean_completion_length_*", "truncation_rate_*", "before": {...}, "after": {...}, "final_loss",
     "start_step"}.
     """
+    config_lib.validate(config, "sft")
     sft, data = config.sft, config.data
     workdir = os.path.join(config.workdir, "sft")
     mesh = sharding.mesh_from_config(config.mesh)
     rules = sharding.rules_from_config(config.rules)
     snapshot = training.config_snapshot(config)
-    chunk = _option(sft, "logits_chunk_size", LOGITS_CHUNK)
     with jax.set_mesh(mesh):
         model, tokenizer = training.load_policy(config, mesh)
+        config_lib.check_policy_positions(config, "sft", model.config)
         graphdef, state = nnx.split(model)
         params = nnx.to_pure_dict(state)
         del model, state
@@ -205,16 +202,10 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         test_samples = evaluate.eval_samples(config)
 
         total_steps = pipeline.batches_per_epoch * sft.num_epochs
-        if _option(sft, "max_steps", 0):
+        if sft.max_steps:
             total_steps = min(total_steps, sft.max_steps)
         warmup_steps = int(round(sft.warmup_ratio * total_steps))
         k = sft.grad_accum_steps
-        batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-        if sft.global_batch_size % (k * batch_devices):
-            raise ValueError(
-                f"sft.global_batch_size={sft.global_batch_size} must be a multiple of sft.grad_accum_steps={k} "
-                f"x the {batch_devices} devices of the mesh's data x fsdp axes, so every microbatch splits "
-                "evenly over the devices.")
         logging.info("SFT: %d steps (%d per epoch x %d epochs, batch %d in %d microbatch(es)), %d warm-up.",
                      total_steps, pipeline.batches_per_epoch, sft.num_epochs, sft.global_batch_size, k, warmup_steps)
 
@@ -223,7 +214,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         opt_state = training.init_optimizer(optimizer, params)
         iterator = iter(pipeline)
         ckpt = checkpoints.Checkpointer(workdir, save_interval_steps=sft.save_every,
-                                        max_to_keep=_option(sft, "max_to_keep", 3))
+                                        max_to_keep=sft.max_to_keep)
         start, params, opt_state, rng = training.restore_or_init(
             ckpt, params, opt_state, jax.random.key(config.seed), iterator)
         training.write_json(os.path.join(workdir, "run_config.json"), snapshot)
@@ -247,7 +238,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
         opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
         train_step = make_train_step(graphdef, optimizer, num_microbatches=k, param_shardings=param_shardings,
-                                     opt_shardings=opt_shardings, chunk_size=chunk, rules=rules)
+                                     opt_shardings=opt_shardings, chunk_size=sft.logits_chunk_size, rules=rules)
         final_loss = None
         with metrics.MetricsLogger(workdir) as logger, checkpoints.PreemptionGuard() as preemption:
             logger.progress(total_steps, initial_step=start)

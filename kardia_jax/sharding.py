@@ -45,29 +45,33 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 
-def mesh_sizes(mesh_config, num_devices: int) -> dict[str, int]:
-    """The (data, fsdp, tensor) sizes of an ml_collections/dict mesh block for `num_devices` devices.
-    One size may be -1: the devices left. Errors name the `mesh.*` keys and say how to fix them."""
-    sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
-    free = [axis for axis, size in sizes.items() if size == -1]
-    if len(free) > 1:
-        raise ValueError(f"config mesh {sizes}: at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1.")
-    known = math.prod(size for size in sizes.values() if size != -1)
-    if free:
-        if num_devices % known:
-            raise ValueError(f"config mesh {sizes}: the {num_devices} devices are not divisible by {known}; set "
-                             f"mesh.* so that their product divides {num_devices}.")
-        sizes[free[0]] = num_devices // known
-    if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"config mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are "
-                         "available; change mesh.* or set one of them to -1 to use the rest.")
-    return sizes
+def mesh_sizes(data: int, fsdp: int, tensor: int, device_count: int) -> dict[str, int]:
+    """{axis: size} of a (data, fsdp, tensor) mesh over `device_count` devices, the one size that may
+    be -1 resolved to the rest. Raises ValueError if the sizes do not fit the devices."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes):
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: mesh.data, mesh.fsdp and mesh.tensor are positive, "
+                         "and at most one of them may be -1 (the devices left).")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if device_count % known:
+            raise ValueError(
+                f"mesh sizes {dict(zip(MESH_AXES, sizes))}: {device_count} devices are not divisible by {known}; set "
+                f"mesh.* so that the sizes other than -1 multiply to a divisor of {device_count}."
+            )
+        sizes[sizes.index(-1)] = device_count // known
+    if math.prod(sizes) != device_count:
+        raise ValueError(
+            f"mesh sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices but {device_count} "
+            "are available; change mesh.* or set one of them to -1 to use the rest."
+        )
+    return dict(zip(MESH_AXES, sizes))
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all). One size may be -1: the rest."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = list(mesh_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices)).values())
+    sizes = list(mesh_sizes(data, fsdp, tensor, len(devices)).values())
     try:  # Physical-topology-aware device order on TPU; plain order elsewhere.
         grid = mesh_utils.create_device_mesh(sizes, devices)
     except Exception:  # noqa: BLE001 - CPU/virtual devices have no topology to honour.

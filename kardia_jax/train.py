@@ -9,6 +9,9 @@ One step, with B prompts, G samples each (N = B·G completions of up to T tokens
             --update x num_iterations--> new params, optimizer state            (num_minibatches
                         accumulated in one jitted scan, normalized over the whole batch)
 
+Only the reward components with a positive `grpo.reward_weights` are computed and logged: with
+`--config.grpo.reward_weights.rubric=0` no judge is loaded and nothing is logged under `reward/rubric`.
+
 Arrays stay on device from one phase to the next; the host only fetches metrics (and, every
 `print_samples_every` steps, a few completions to print). Each phase is its own jitted function so the
 time split sample / reference / judge / update is measured, not guessed.
@@ -34,6 +37,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from kardia_jax import checkpoints, metrics, rewards, sharding, storage, training
+from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.grpo import GRPOConfig, group_advantages, grpo_metrics, loss_normalizers, token_loss, token_terms
@@ -90,7 +94,7 @@ class RewardSpec:
     marker_ids: tuple[tuple[str, int], ...]
     stop_ids: tuple[int, ...]
     whitespace_ids: tuple[int, ...]
-    weights: tuple[tuple[str, float], ...]
+    weights: tuple[tuple[str, float], ...]  # the components with a positive weight only
 
     @classmethod
     def build(cls, tokenizer, weights) -> "RewardSpec":
@@ -98,20 +102,17 @@ class RewardSpec:
             marker_ids=tuple(tokenizer.marker_ids.items()),
             stop_ids=tuple(tokenizer.stop_ids),
             whitespace_ids=tuple(int(i) for i in rewards.whitespace_token_ids(tokenizer)),
-            weights=tuple(weights.items()),
+            weights=tuple((name, float(weights[name])) for name in rewards.active_components(weights)),
         )
 
 
 class Steps:
-    """The jitted phases of a GRPO step for one policy graph, judge and config."""
+    """The jitted phases of a GRPO step for one policy graph, judge and config (checked by
+    `kardia_jax.config.validate`). `judge` may be None when the rubric's weight is 0: only the reward
+    components with a positive weight are computed and logged."""
 
     def __init__(self, graphdef, params, judge: RubricJudge | None, tokenizer, config: ml_collections.ConfigDict, optimizer):
         g = config.grpo
-        if g.prompts_per_step % g.num_minibatches:
-            raise ValueError(
-                f"grpo.num_minibatches={g.num_minibatches} must divide grpo.prompts_per_step={g.prompts_per_step}: a "
-                "minibatch holds whole groups (a prompt and its G samples)."
-            )
         self.config = config
         self.graphdef = graphdef
         # Gradients are pinned to the parameters' shardings: left to XLA they can come out replicated
@@ -162,17 +163,21 @@ class Steps:
         return logp.reshape(completion.shape)
 
     def _rewards(self, judge_params, completion, completion_mask, emotion_id, contexts):
-        """Total reward [N] and per-sample logs {"reward/...": [N]} of N completions."""
+        """Total reward [N] and per-sample logs {"reward/...": [N]} of N completions, of the components
+        with a positive weight only (judge_params and contexts are unused, may be None, without the rubric)."""
         spec = self.rewards
         markers = dict(spec.marker_ids)
-        components = {
-            "format": rewards.format_reward(completion, completion_mask, markers, spec.stop_ids, spec.whitespace_ids),
-            "emotion": rewards.emotion_reward(completion, completion_mask, markers, emotion_id, self.label_table, spec.whitespace_ids),
+        compute = {
+            "format": lambda: rewards.format_reward(completion, completion_mask, markers, spec.stop_ids, spec.whitespace_ids),
+            "emotion": lambda: rewards.emotion_reward(completion, completion_mask, markers, emotion_id, self.label_table,
+                                                      spec.whitespace_ids),
+            "rubric": lambda: self.judge.score_ids(judge_params, completion, completion_mask, contexts),
         }
         weights = dict(spec.weights)
-        if "rubric" in weights:
-            components["rubric"] = self.judge.score_ids(judge_params, completion, completion_mask, contexts)
-        return rewards.total_reward(components, weights)
+        if "rubric" in weights and self.judge is None:
+            raise ValueError(f"grpo.reward_weights.rubric={weights['rubric']} needs a judge (config.judge); build "
+                             "Steps with one, or set the weight to 0 to train without the rubric.")
+        return rewards.total_reward({name: compute[name]() for name in weights}, weights)
 
     def _score(self, judge_params, completion, completion_mask, emotion_id, contexts):
         """Group advantages [N] and the batch's reward metrics (means of every component/criterion)."""
@@ -274,16 +279,18 @@ def reward_table(steps: Steps, params, judge_params, judge, pipeline, mesh, max_
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """GRPO from config; returns {"before": reward table, "after": reward table, "steps": n}."""
+    config_lib.validate(config, "grpo")
     g = config.grpo
     mesh = sharding.mesh_from_config(config.mesh)
     workdir = os.path.join(config.workdir, "grpo")
     with jax.set_mesh(mesh):
         policy_config = _initial_model_config(config)
         model, tokenizer = training.load_policy(policy_config, mesh)
+        config_lib.check_policy_positions(config, "grpo", model.config)
         graphdef, params = nnx.split(model)
         ref_params = reference_params(params, DTYPES[config.model.dtype]) if g.beta > 0 else None
         judge, judge_params = (None, None)
-        if dict(g.reward_weights).get("rubric", 0) > 0:
+        if g.reward_weights.rubric > 0:
             judge, judge_params = load_judge(config, mesh, tokenizer, model)
 
         data = config.data
@@ -384,7 +391,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         after = reward_table(steps, params, judge_params, judge, eval_pipeline, mesh, g.max_new_tokens)
         metrics.plot_curves(
             os.path.join(workdir, "metrics.jsonl"),
-            ["reward/total", "reward/format", "reward/emotion", "reward/rubric"],
+            ["reward/total", *(f"reward/{name}" for name in rewards.active_components(g.reward_weights))],
             os.path.join(workdir, "rewards.png"),
             title="GRPO reward components",
         )

@@ -58,6 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from kardia_jax import sharding, training  # noqa: E402
+from kardia_jax.config import validate  # noqa: E402
 from kardia_jax.models import preset  # noqa: E402
 from kardia_jax.models.config import DTYPES  # noqa: E402
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path  # noqa: E402
@@ -107,8 +108,10 @@ def main():
     g = config.grpo
     topology = ARGS.topology or config.topology
     devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-    sizes = [int(x) for x in ARGS.mesh.split(",")] if ARGS.mesh else [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
-    mesh = sharding.make_mesh(*sizes, devices=devices)
+    if ARGS.mesh:
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(x) for x in ARGS.mesh.split(","))
+    validate(config, "grpo", device_count=len(devices))  # the trainer's own checks, against the topology's chips
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     rules = sharding.rules_from_config(config.rules)
     model_config = preset(ARGS.preset, **training.model_overrides(config.model))
     b, n, p, t = g.prompts_per_step, g.prompts_per_step * g.num_samples, ARGS.prompt_len, g.max_new_tokens

@@ -60,7 +60,8 @@ def score_ids(judge):
 
 
 def _completion_texts(samples):
-    """Completions with a well-formed span (long: truncated at R, and short) and broken formats."""
+    """Completions with a well-formed span (long: truncated at R, and short) and broken formats; the rows
+    of SPANLESS have no response span (see HAS_SPAN)."""
     end = "<|im_end|>"
     spans = "<|understanding_begin|>u<|understanding_end|><|reasoning_begin|>r<|reasoning_end|><|emotion_begin|>sad<|emotion_end|>"
     return [
@@ -73,6 +74,9 @@ def _completion_texts(samples):
         "<|response_end|>first<|response_begin|> then" + end,  # out of order
         spans + "<|response_begin|>Hi<|emotion_end|> there\n<|response_end|>" + end,  # stray marker inside
     ]
+
+
+HAS_SPAN = np.array([True, True, False, False, False, False, False, True])  # rows of _completion_texts
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,7 @@ def test_certain_four_scores_exactly_075(model, tokenizer, score_ids, batch):
     params["lm_head"][...] = jnp.zeros_like(params["lm_head"][...]).at[0, four].set(1e4)
     scores = np.asarray(score_ids(params, tokens, mask, contexts))
     assert scores.shape == (len(tokens), len(RUBRIC_CRITERIA)) and scores.dtype == np.float32
-    np.testing.assert_array_equal(scores, np.full_like(scores, 0.75))
+    np.testing.assert_array_equal(scores, np.where(HAS_SPAN[:, None], np.full_like(scores, 0.75), 0.0))
 
 
 def test_packing_equals_host_tokenization(judge, tokenizer, samples, batch):
@@ -144,9 +148,7 @@ def test_packing_equals_host_tokenization(judge, tokenizer, samples, batch):
     assert response_of(0) == tokenizer.encode(parse_spans(samples[0].target)["response"])[:RESPONSE_TOKENS]
     assert len(response_of(0)) == RESPONSE_TOKENS  # truncated
     assert response_of(1) == tokenizer.encode("I hear you.")
-    assert response_of(2) == [i for p in ("u", "r", "sad", "It sounds so hard, and I am") for i in tokenizer.encode(p)][:RESPONSE_TOKENS]
-    assert response_of(3) == tokenizer.encode("I am here for you.")
-    assert response_of(5) == []
+    assert [response_of(row) for row in np.flatnonzero(~HAS_SPAN)] == [[]] * 5  # no span: nothing of the text
     assert response_of(7) == tokenizer.encode("Hi") + tokenizer.encode(" there")
     # The context slot: the profile first; over budget, the oldest conversation tokens go first.
     profile, conversation = rubric.context_parts(samples[1])
@@ -179,6 +181,26 @@ def test_in_graph_and_host_paths_give_the_same_scores(model, judge, score_ids, s
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_completions_without_a_response_span_score_zero(model, judge, score_ids, samples, batch):
+    """Truncated inside the response, no markers, the response twice, an empty one, markers out of order:
+    rubric 0 on every criterion on all three paths (in-graph, host, re-tokenized in the step), where the
+    judge would otherwise rate whatever it reads (its scores are strictly inside (0, 1))."""
+    _, tokens, mask, contexts = batch
+    params = nnx.split(model)[1]
+    retokenized = RubricJudge(model, judge.tokenizer, shared_vocab=False, max_context_tokens=CONTEXT_TOKENS,
+                              max_response_tokens=RESPONSE_TOKENS)
+    for scores in (np.asarray(score_ids(params, tokens, mask, contexts)),
+                   judge.score_texts(params, judge.decode_completions(tokens, mask), samples),
+                   np.asarray(jax.jit(retokenized.score_ids)(params, tokens, mask, contexts))):
+        np.testing.assert_array_equal(scores[~HAS_SPAN], 0.0)
+        assert np.all(scores[HAS_SPAN] > 1e-3) and np.all(scores[HAS_SPAN] < 1 - 1e-3)
+    # Evaluation reports them at the bottom of the 1-5 scale.
+    texts = judge.decode_completions(tokens, mask)
+    rows = [samples[i // G] for i in range(len(texts))]
+    evaluated = judge.scorer(params, batch_size=len(texts))(rows, texts)
+    np.testing.assert_array_equal(evaluated["judge_empathy"][~HAS_SPAN], 1.0)
+
+
 def test_prefix_sharing_equals_five_full_prompts(model, judge, batch):
     _, tokens, mask, contexts = batch
     params = nnx.split(model)[1]
@@ -208,6 +230,7 @@ def test_prefix_sharing_equals_five_full_prompts(model, judge, batch):
     # Scores from those logits, also when scored in chunks of whole groups (4 groups of G = 2: 6 rows are
     # 3 groups a step, 3 + 1 and 2 padding groups), or of sub-groups when G exceeds the chunk (1 row).
     expected = (np.sum(np.asarray(jax.nn.softmax(logits)) * np.arange(1, 6), axis=-1) - 1) / 4
+    expected = np.where(HAS_SPAN[:, None], expected, 0.0)  # no response span: 0 whatever the judge reads
     for rows_per_chunk in (6, 1):
         chunked = RubricJudge(model, judge.tokenizer, max_context_tokens=CONTEXT_TOKENS,
                               max_response_tokens=RESPONSE_TOKENS, rows_per_chunk=rows_per_chunk)
@@ -242,7 +265,7 @@ def test_three_levels_equal_each_completions_contiguous_prompt(model, judge, sco
     out, _ = jax.jit(model)(seq, positions_from_mask(seq_mask), seq_mask)
     ref = np.asarray(out[:, -1][:, judge.score_ids_array]).reshape(len(texts), len(suffixes), -1)
     np.testing.assert_allclose(jax.nn.log_softmax(logits), jax.nn.log_softmax(ref), atol=1e-5)
-    np.testing.assert_allclose(scores, np.asarray(scores_from_logits(ref)), atol=1e-5)
+    np.testing.assert_allclose(scores, np.where(HAS_SPAN[:, None], np.asarray(scores_from_logits(ref)), 0.0), atol=1e-5)
     # Completions of one prompt with different responses score differently.
     assert np.abs(scores[0] - scores[1]).max() > 1e-3
 

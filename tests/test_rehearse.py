@@ -51,7 +51,7 @@ def test_a_config_that_is_not_a_pod_config_or_does_not_fit_the_devices_is_refuse
     with pytest.raises(ValueError, match=r"mesh\.\*"):
         rehearse.check_pod_config(config, 2, 4)
     with pytest.raises(ValueError, match="at most one"):
-        sharding.mesh_sizes({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+        sharding.mesh_sizes(-1, -1, 1, 8)
 
 
 def _rehearse(*args: str, timeout: int = 1500) -> str:

@@ -16,6 +16,7 @@ from kardia_jax.data.spans import EMOTIONS, MARKER_TOKENS, SPAN_NAMES, join_span
 from kardia_jax.rewards import (
     DEFAULT_WEIGHTS,
     RUBRIC_CRITERIA,
+    active_components,
     build_label_table,
     emotion_reward,
     format_reward,
@@ -307,3 +308,19 @@ def test_total_reward_custom_weights_and_errors():
         total_reward({"format": fmt}, weights)
     with pytest.raises(ValueError, match="rubric scores"):
         total_reward({"format": fmt, "emotion": emo, "rubric": jnp.zeros((2, 4))})
+
+
+def test_zero_weights_drop_components():
+    """A component of weight 0 is not needed, not logged, and does not enter the total (given or not)."""
+    fmt, emo = jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])
+    crit = jnp.full((2, 5), 0.5)
+    weights = {"format": 0.5, "emotion": 0.5, "rubric": 0.0}
+    assert active_components(weights) == ("format", "emotion")
+    for components in ({"format": fmt, "emotion": emo}, {"format": fmt, "emotion": emo, "rubric": crit}):
+        total, logs = total_reward(components, weights)
+        np.testing.assert_allclose(total, [0.5, 0.5], rtol=1e-6)
+        assert set(logs) == {"reward/total", "reward/format", "reward/emotion"}
+    with pytest.raises(ValueError, match=r"weighted but not given: \['emotion'\]"):
+        total_reward({"format": fmt}, weights)
+    with pytest.raises(ValueError, match=r"no weight: \['length'\]"):
+        total_reward({"format": fmt, "emotion": emo, "length": fmt}, weights)

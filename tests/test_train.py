@@ -1,9 +1,6 @@
 """The GRPO trainer: accumulation equals one big batch, and a short run logs, checkpoints and resumes."""
 
-import glob
-import importlib.util
 import json
-import math
 import os
 
 import jax
@@ -181,15 +178,43 @@ def test_short_run_logs_checkpoints_and_resumes(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))))
-def test_config_files_load_and_their_mesh_fits_their_topology(path):
-    """Every shipped config builds, and a TPU config's mesh sizes divide its topology's chip count."""
-    spec = importlib.util.spec_from_file_location("config_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    if config.topology:
-        chips = math.prod(int(x) for x in config.topology.split(":")[1].split("x"))
-        known = math.prod(s for s in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) if s != -1)
-        assert chips % known == 0, (config.topology, dict(config.mesh))
-        assert config.grpo.prompts_per_step % config.grpo.num_minibatches == 0
+def test_rubric_weight_zero_runs_without_a_judge(tmp_path, monkeypatch):
+    """grpo.reward_weights.rubric=0: no judge is loaded or read, and nothing is logged as reward/rubric."""
+    def no_judge(*args, **kwargs):
+        raise AssertionError("load_judge was called with rubric weight 0")
+
+    monkeypatch.setattr(train, "load_judge", no_judge)
+    config = tiny_config(tmp_path, max_steps=1)
+    config.grpo.reward_weights.rubric = 0.0
+    config.judge.from_policy = False  # no judge configured at all: none is needed
+    result = train.run(config)
+    rows = [json.loads(line) for line in open(os.path.join(tmp_path, "grpo", "metrics.jsonl"))]
+    for logged in (rows[0], result["before"], result["after"]):
+        rewards = {k for k in logged if k.startswith("reward/")}
+        assert {"reward/total", "reward/format", "reward/emotion"} <= rewards
+        assert not any(k.startswith("reward/rubric") for k in rewards), rewards
+    np.testing.assert_allclose(rows[0]["reward/total"], (rows[0]["reward/format"] + rows[0]["reward/emotion"]) / 3,
+                               rtol=1e-5, atol=1e-7)  # float32 means of per-sample sums
+    assert os.path.exists(os.path.join(tmp_path, "grpo", "rewards.png"))
+
+
+def test_steps_score_without_a_judge_only_when_the_rubric_is_off(tmp_path):
+    """Steps built with judge=None: with rubric weight 0 the step scores format and emotion alone; with a
+    weighted rubric it says what is missing (not an AttributeError deep in tracing)."""
+    tokenizer = load_tokenizer(tokenizer_path())
+    graphdef, params = nnx.split(Decoder(preset("tiny-qwen2"), rngs=nnx.Rngs(0)))
+    r = random_rollout(4, 2, 5, 6, 512)
+    emotion = jnp.zeros(8, jnp.int32)
+    config = tiny_config(tmp_path)
+    config.grpo.num_samples = 2
+    config.grpo.reward_weights.rubric = 0.0
+    steps = train.Steps(graphdef, params, None, tokenizer, config, optax.sgd(1.0))
+    advantages, stats = steps.score(None, r.completion, r.completion_mask, emotion, None)
+    assert advantages.shape == (8,)
+    assert {k for k in stats if k.startswith("reward/")} == {
+        "reward/total", "reward/format", "reward/emotion", "reward/std", "reward/zero_std_groups"}
+
+    config.grpo.reward_weights.rubric = 0.5
+    steps = train.Steps(graphdef, params, None, tokenizer, config, optax.sgd(1.0))
+    with pytest.raises(ValueError, match=r"grpo.reward_weights.rubric=0.5 needs a judge"):
+        steps.score(None, r.completion, r.completion_mask, emotion, None)

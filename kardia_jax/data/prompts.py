@@ -25,6 +25,9 @@ def system_message(person: str, situation: str, anon_username: str) -> str:
     return SYSTEM_TEMPLATE.format(person=person.strip(), situation=situation.strip(), anon_username=anon_username)
 
 
+DIFFICULTY_RULES = ("emotion_word", "turn_index")  # the kinds of `DifficultyRule`
+
+
 @dataclasses.dataclass(frozen=True)
 class DifficultyRule:
     """Decides "easy" or "hard" for turns whose row has no `difficulty` field.
@@ -40,8 +43,8 @@ class DifficultyRule:
     easy_turns: int = 2
 
     def __post_init__(self):
-        if self.kind not in ("emotion_word", "turn_index"):
-            raise ValueError(f"DifficultyRule.kind is '{self.kind}'; use 'emotion_word' or 'turn_index'.")
+        if self.kind not in DIFFICULTY_RULES:
+            raise ValueError(f"DifficultyRule.kind is '{self.kind}'; use one of {DIFFICULTY_RULES}.")
 
     def difficulty(self, prompt: tuple[dict[str, str], ...], emotion: str, turn_index: int) -> str:
         if self.kind == "turn_index":

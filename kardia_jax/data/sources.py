@@ -36,6 +36,7 @@ from kardia_jax.data.schema import BAD_JSON, DataError, Dialogue, parse_dialogue
 
 FILE_FORMATS = (".jsonl", ".parquet")
 KEY = "data.source"  # the config key that names a source, for error messages
+ON_BAD_ROW = ("raise", "skip")  # what `load_dialogues` does with a row that fails validation
 
 
 def sample_path() -> str:
@@ -69,8 +70,8 @@ def load_dialogues(source: str, split: str, on_bad_row: str = "raise") -> tuple[
     Returns:
       The dialogues in source order, and the `LoadStats` of the read.
     """
-    if on_bad_row not in ("raise", "skip"):
-        raise ValueError(f"on_bad_row is '{on_bad_row}'; use 'raise' or 'skip'.")
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row is '{on_bad_row}'; use one of {ON_BAD_ROW}.")
     location, rows = _open_rows(source, split)
     stats = LoadStats(source=location, split=split)
     skipped = collections.Counter()

@@ -56,10 +56,14 @@ the scorer.
 
 The response span (both paths, the same rule):
   * if the completion holds `<|response_begin|>` and `<|response_end|>` exactly once each, begin before
-    end: the tokens strictly between them;
-  * otherwise (broken format, e.g. a completion truncated inside its response): the whole completion.
-  Then every span marker and stop token is dropped, whitespace-only tokens at both ends are trimmed, and
-  the first R tokens are kept. An empty span is an empty response (the judge still reads the rest).
+    end: the tokens strictly between them, less every span marker and stop token, whitespace-only tokens
+    at both ends trimmed, the first R tokens kept;
+  * otherwise (broken format, e.g. a completion truncated inside its response): no span.
+  A completion without a response span (none, or one that is empty once trimmed) scores 0 on every
+  criterion: `score_prompts` sets the scores of a prompt whose response block holds only TAIL to 0,
+  in-graph, so the judge never rates the rest of a completion as if it were the reply (its row is still
+  computed, at a fixed shape, and discarded). In evaluation (`scorer`) that is 1, the bottom of the
+  1-5 scale.
   On text: the same markers and counts on the decoded completion, split at markers and stop strings;
   each piece is tokenized on its own (a marker splits the tokenization on the id side too) and the same
   trimming applies to the ids. The paths agree token for token when the policy's completion ids are
@@ -166,7 +170,7 @@ class RubricJudge:
         """The judge over `model` with the prompt budgets and chunking of `config.judge`."""
         return cls(model, tokenizer, policy_tokenizer, max_context_tokens=judge_config.max_context_tokens,
                    max_response_tokens=judge_config.max_response_tokens,
-                   rows_per_chunk=judge_config.get("rows_per_chunk", 0))
+                   rows_per_chunk=judge_config.rows_per_chunk)
 
     def __init__(self, model: Decoder, tokenizer, policy_tokenizer=None, *, max_context_tokens: int = 512,
                  max_response_tokens: int = 256, shared_vocab: bool | None = None, rows_per_chunk: int = 0):
@@ -195,6 +199,15 @@ class RubricJudge:
         self.context_length = self.max_context_tokens + len(self.mid_ids)  # the context block's width
         self.response_length = self.max_response_tokens + len(self.tail_ids)  # the response block's width
         self.prompt_length = len(self.head_ids) + self.context_length + self.response_length  # L, one contiguous prompt
+        longest = self.prompt_length + width  # a whole prompt with its longest criterion suffix
+        if longest > model.config.max_position_embeddings:
+            fixed = longest - self.max_context_tokens - self.max_response_tokens  # rubric text and suffix
+            raise ValueError(
+                f"The judge reads prompts of up to {longest} tokens ({fixed} of rubric and suffix + "
+                f"judge.max_context_tokens={self.max_context_tokens} + judge.max_response_tokens="
+                f"{self.max_response_tokens}), past the judge model's max_position_embeddings="
+                f"{model.config.max_position_embeddings}: lower config.judge.max_context_tokens or "
+                "config.judge.max_response_tokens.")
         constant = np.concatenate([self.head_ids, self.mid_ids, self.tail_ids, self.suffix_ids.ravel(), self.score_ids_array])
         if constant.max() >= self.vocab_size:
             raise ValueError(f"The judge prompt uses token id {constant.max()} but the judge model has only "
@@ -258,11 +271,12 @@ class RubricJudge:
         return [self.policy_tokenizer.decode([int(t) for t in row[m] if int(t) not in stops]) for row, m in zip(ids, mask)]
 
     def response_ids(self, completion: str) -> list[int]:
-        """The judge ids of a completion text's response span (module docstring), at most R of them."""
+        """The judge ids of a completion text's response span (module docstring), at most R of them;
+        [] when it has none."""
         begin, end = SPAN_MARKERS["response"]
-        span = completion
-        if completion.count(begin) == 1 and completion.count(end) == 1 and completion.index(begin) < completion.index(end):
-            span = completion[completion.index(begin) + len(begin):completion.index(end)]
+        if not (completion.count(begin) == 1 and completion.count(end) == 1 and completion.index(begin) < completion.index(end)):
+            return []
+        span = completion[completion.index(begin) + len(begin):completion.index(end)]
         ids = [i for piece in self._cut_pattern.split(span) if piece for i in self.tokenizer.encode(piece)]
         ids = [i for i in ids if 0 <= i < self.vocab_size]
         content = [k for k, i in enumerate(ids) if not self.whitespace_table[i]]
@@ -317,7 +331,7 @@ class RubricJudge:
         end_hits = (ids == self.response_end_id) & valid
         begin, end = jnp.argmax(begin_hits, axis=1)[:, None], jnp.argmax(end_hits, axis=1)[:, None]  # [N, 1]
         well_formed = (begin_hits.sum(1) == 1) & (end_hits.sum(1) == 1) & (begin[:, 0] < end[:, 0])  # [N]
-        inside = jnp.where(well_formed[:, None], (position > begin) & (position < end), True)
+        inside = well_formed[:, None] & (position > begin) & (position < end)  # [N, T]; no span when broken
         keep = (valid & inside & ~jnp.isin(ids, self.marker_ids) & ~jnp.isin(ids, self.stop_ids)
                 & (ids >= 0) & (ids < self.vocab_size))
         content = keep & ~jnp.take(jnp.asarray(self.whitespace_table), ids, mode="clip")
@@ -371,8 +385,6 @@ class RubricJudge:
         if self.shared_vocab:
             response, keep = completion_ids, self.response_mask(completion_ids, completion_mask)
         else:
-            shapes = (jax.ShapeDtypeStruct((n, self.max_response_tokens), jnp.int32),
-                      jax.ShapeDtypeStruct((n, self.max_response_tokens), jnp.bool_))
             response, keep = self._retokenized(completion_ids, completion_mask)
 
         def constant(ids, rows):
@@ -427,8 +439,14 @@ class RubricJudge:
         return logits.reshape(n, NUM_CRITERIA, len(rubric.SCORE_TOKENS))
 
     def score_prompts(self, params, prompts: JudgePrompts) -> jax.Array:
-        """[N, 5] scores in [0, 1] of assembled prompts, at most `rows_per_chunk` completions at a time
-        (chunks of whole groups; of sub-groups when G exceeds it). Jittable."""
+        """[N, 5] scores in [0, 1] of assembled prompts; 0 for a completion without a response span (its
+        response block holds only TAIL). Jittable."""
+        has_response = jnp.asarray(prompts.response_mask).sum(axis=1) > len(self.tail_ids)  # [N]
+        return jnp.where(has_response[:, None], self._read_scores(params, prompts), 0.0)
+
+    def _read_scores(self, params, prompts: JudgePrompts) -> jax.Array:
+        """[N, 5] the judge's scores of assembled prompts, at most `rows_per_chunk` completions at a time
+        (chunks of whole groups; of sub-groups when G exceeds it)."""
         chunk = self.rows_per_chunk
         n, b = prompts.response.shape[0], prompts.context.shape[0]
         if not chunk or n <= chunk:
@@ -467,6 +485,7 @@ class RubricJudge:
         context_mask [B, C].
         Cost: HEAD once; a prefill of B context rows of C + len(MID) tokens; one of N response rows of
         R + len(TAIL) tokens reading them; then N·5 suffix rows of S tokens reading all of it.
+        A completion without a response span scores 0 (module docstring).
         """
         return self.score_prompts(params, self.assemble_ids(completion_ids, completion_mask, contexts, context_mask))
 
