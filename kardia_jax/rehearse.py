@@ -272,18 +272,28 @@ class Rehearsal:
         return job
 
 
-def _summarize(lines: Sequence[str], per_dir: int = 3) -> list[str]:
-    """The listing of what a job wrote, a few objects per directory (checkpoints have hundreds)."""
-    shown, counts = [], {}
-    for line in lines:
-        uri = line.split()[-1]
-        parent = uri.rsplit("/", 1)[0]
-        counts[parent] = counts.get(parent, 0) + 1
-        if counts[parent] <= per_dir:
+def _summarize(lines: Sequence[str]) -> list[str]:
+    """A bucket listing (`<size>  gs://...` lines) in path order, each checkpoint step directory (hundreds
+    of Orbax objects) folded into one line with its object count, size and whether it is complete."""
+    steps, shown = {}, []
+    for line in sorted(lines, key=lambda line: line.split()[-1]):
+        size, uri = line.split()
+        match = re.match(r"^(.*/\d+)/(.*)$", uri)
+        if match is None:
             shown.append(line)
-        elif counts[parent] == per_dir + 1:
-            shown.append(f"{'':>12}  {parent}/... (more)")
-    return shown
+            continue
+        if match.group(1) not in steps:
+            steps[match.group(1)] = {"objects": 0, "bytes": 0, "complete": False}
+            shown.append(match.group(1))
+        entry = steps[match.group(1)]
+        entry["objects"] += 1
+        entry["bytes"] += int(size)
+        entry["complete"] |= match.group(2) == "commit_success.txt"
+    return [
+        f"{steps[line]['bytes']:>12}  {line}/ ({steps[line]['objects']} objects, "
+        f"{'complete' if steps[line]['complete'] else 'INCOMPLETE'})" if line in steps else line
+        for line in shown
+    ]
 
 
 def _reward_table(output: str) -> str:

@@ -24,8 +24,6 @@ parameters); a finished run is not repeated: its stored results are returned.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -37,11 +35,11 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from kardia_jax import checkpoints, evaluate, metrics, sharding, storage, training
+from kardia_jax import checkpoints, evaluate, metrics, sharding, training
 from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, load_samples, sft_pipeline
 from kardia_jax.data.prompts import DifficultyRule
-from kardia_jax.models import fused_token_loss, save_pretrained
+from kardia_jax.models import fused_token_loss
 
 LOGITS_CHUNK = 256  # positions per chunk of the vocabulary projection in the loss
 
@@ -141,24 +139,6 @@ def _evaluate(graphdef, params, tokenizer, samples, config, mesh) -> dict[str, A
     return evaluate.evaluate_generations(
         nnx.merge(graphdef, params), tokenizer, samples, max_new_tokens=sft.eval_max_new_tokens,
         batch_size=sft.eval_batch_size, max_prompt_len=config.data.max_length - sft.eval_max_new_tokens, mesh=mesh)
-
-
-def _save_hf(graphdef, params, tokenizer, directory: str) -> None:
-    """The model (HF safetensors + config.json) and tokenizer files in `directory` (local or gs://), so
-    that a reader never sees a half-written model: they are staged (locally: in the sibling
-    `<directory>.tmp`; for gs://: in a local temp dir) and published by `storage.publish_dir`, which
-    renames the sibling into place, or uploads the files and writes the `_COMPLETE` marker last
-    (`storage.is_complete` is what readers check)."""
-    is_writer, remote = jax.process_index() == 0, storage.is_gcs(directory)
-    stage = tempfile.mkdtemp(prefix="kardia_hf_") if remote else directory + ".tmp"
-    if is_writer and not remote and os.path.exists(stage):
-        shutil.rmtree(stage)
-    save_pretrained(nnx.merge(graphdef, params), stage)  # every process: it gathers; process 0 writes
-    training.save_tokenizer(tokenizer, stage)
-    if is_writer:
-        storage.publish_dir(stage, directory)
-    elif remote:
-        os.rmdir(stage)  # this process wrote nothing into it
 
 
 def _summary(before: dict | None, after: dict, steps: int) -> dict[str, Any]:
@@ -270,7 +250,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         ckpt.close()  # waits for the last save
 
         after = _evaluate(graphdef, params, tokenizer, test_samples, config, mesh)
-        _save_hf(graphdef, params, tokenizer, os.path.join(workdir, "hf"))
+        training.export_hf(graphdef, params, tokenizer, os.path.join(workdir, "hf"))
     results = _summary(before, after, total_steps) | {"final_loss": final_loss, "start_step": start}
     training.write_json(results_path, results)
     _print_results(results)

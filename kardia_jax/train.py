@@ -17,7 +17,8 @@ Arrays stay on device from one phase to the next; the host only fetches metrics 
 time split sample / reference / judge / update is measured, not guessed.
 
 Start: the SFT model at `<workdir>/sft/hf` if it exists (or `grpo.init_from`), else `model.*`.
-Checkpoints (params, optimizer, data iterator, RNG, step) go to `<workdir>/grpo`; a rerun resumes.
+Checkpoints (params, optimizer, data iterator, RNG, step) go to `<workdir>/grpo`; a rerun resumes. The
+final policy is exported in Hugging Face format (with its tokenizer) to `<workdir>/grpo/hf`.
 """
 
 from __future__ import annotations
@@ -389,6 +390,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     return {"before": before, "after": None, "steps": step + 1}
         ckpt.close()
         after = reward_table(steps, params, judge_params, judge, eval_pipeline, mesh, g.max_new_tokens)
+        training.export_hf(graphdef, params, tokenizer, os.path.join(workdir, "hf"))
         metrics.plot_curves(
             os.path.join(workdir, "metrics.jsonl"),
             ["reward/total", *(f"reward/{name}" for name in rewards.active_components(g.reward_weights))],

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from typing import Any, Mapping
 
@@ -33,7 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kardia_jax import checkpoints, sharding, storage
-from kardia_jax.models import Decoder, ModelConfig, from_pretrained, preset, resize_vocab
+from kardia_jax.models import Decoder, ModelConfig, from_pretrained, preset, resize_vocab, save_pretrained
 from kardia_jax.models.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, tokenizer_path
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension of every batch is split over
@@ -156,6 +157,24 @@ def with_checkpoint(config: ml_collections.ConfigDict, hf_dir: str) -> ml_collec
                          config.tokenizer.path)
         config.tokenizer.path = hf_dir
     return config
+
+
+def export_hf(graphdef, params, tokenizer, directory: str) -> None:
+    """The model (HF safetensors + config.json) and tokenizer files in `directory` (local or gs://), so
+    that a reader never sees a half-written model: they are staged (locally: in the sibling
+    `<directory>.tmp`; for gs://: in a local temp dir) and published by `storage.publish_dir`, which
+    renames the sibling into place, or uploads the files and writes the `_COMPLETE` marker last
+    (`storage.is_complete` is what readers check)."""
+    is_writer, remote = jax.process_index() == 0, storage.is_gcs(directory)
+    stage = tempfile.mkdtemp(prefix="kardia_hf_") if remote else directory + ".tmp"
+    if is_writer and not remote and os.path.exists(stage):
+        shutil.rmtree(stage)
+    save_pretrained(nnx.merge(graphdef, params), stage)  # every process: it gathers; process 0 writes
+    save_tokenizer(tokenizer, stage)
+    if is_writer:
+        storage.publish_dir(stage, directory)
+    elif remote:
+        os.rmdir(stage)  # this process wrote nothing into it
 
 
 # -- the optimizer -------------------------------------------------------------------------------

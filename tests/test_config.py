@@ -83,7 +83,7 @@ def _set_reward(name, value):
 BAD_CASES = [
     # (what to change, stage, a regex the error must contain: the key(s) and the fix)
     (_set(mesh__fsdp=3), "sft", r"mesh\.data, mesh\.fsdp, mesh\.tensor: .*need 6 devices but 8"),
-    (_set(mesh__data=-1), "sft", r"mesh\.data, mesh\.fsdp, mesh\.tensor: .*at most one may be -1"),
+    (_set(mesh__data=-1), "sft", r"mesh\.data, mesh\.fsdp, mesh\.tensor: .*at most one of them may be -1"),
     (_set(sft__global_batch_size=12), "sft", r"sft\.global_batch_size=12 must be a multiple of sft\.grad_accum_steps=2 x the 8"),
     (_set(sft__grad_accum_steps=3), "sft", r"sft\.global_batch_size=16 must be a multiple of sft\.grad_accum_steps=3"),
     (_set(grpo__prompts_per_step=4, grpo__num_minibatches=1), "grpo", r"grpo\.prompts_per_step=4 must be a multiple of the 8"),

@@ -67,10 +67,11 @@ def test_rehearsal_runs_sft_grpo_and_evaluation_as_two_processes(name):
     out = _rehearse(f"--config=configs/{name}.py")
     assert out.count("2 processes x 4 CPU devices") == 4  # the rehearsal, sft, grpo, evaluate
     workdir = f"gs://your-bucket/kardia/{name}"
-    for written in ("sft/hf/config.json", "sft/hf/model.safetensors", "sft/4/commit_success.txt",
-                    "sft/metrics.jsonl", "grpo/2/commit_success.txt", "grpo/4/commit_success.txt",
-                    "grpo/metrics.jsonl", "grpo/rewards.png", "grpo/hf/config.json", "grpo/hf/model.safetensors"):
+    for written in ("sft/hf/config.json", "sft/hf/model.safetensors", "sft/metrics.jsonl", "grpo/metrics.jsonl",
+                    "grpo/rewards.png", "grpo/hf/config.json", "grpo/hf/model.safetensors"):
         assert f"{workdir}/{written}" in out, written
+    for step in ("sft/2", "sft/4", "grpo/2", "grpo/4"):
+        assert re.search(rf"{re.escape(workdir)}/{step}/ \(\d+ objects, complete\)", out), step
     assert f"{workdir}/grpo/tensorboard/" in out
     table = out[out.index("reward component"):]
     assert re.search(r"reward/total\s+\d\.\d{3}\s+\d\.\d{3}", table)
