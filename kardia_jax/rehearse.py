@@ -185,7 +185,7 @@ class Job:
     def start(self, env: dict[str, str], count: int, devices: int, logdir: str, attempt: int) -> None:
         port = _free_port()
         for index in range(count):
-            log = os.path.join(logdir, f"{self.name}-{attempt}-process{index}.log")
+            log = os.path.join(logdir, f"{attempt}-{self.module}-process{index}.log")
             process_env = env | {
                 "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                 "JAX_NUM_PROCESSES": str(count),
