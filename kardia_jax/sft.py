@@ -76,14 +76,14 @@ def sft_loss(model, batch: dict[str, jax.Array], chunk_size: int = LOGITS_CHUNK)
 
 
 def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int, rules=None) -> dict[str, jax.Array]:
-    """[B, T] -> [k, B/k, T]; microbatch a holds rows a, k + a, 2k + a, ... so that, with the batch
+    """[B, T] -> [k, B/k, T] (and [B] -> [k, B/k]); microbatch a holds rows a, k + a, 2k + a, ... so that, with the batch
     split over devices in contiguous blocks, every microbatch is spread evenly over all devices and the
     split moves no data between them."""
     k = num_microbatches
 
     def split(x):
         x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-        return sharding.constrain(x, (None, "activation_batch", "activation_length"), rules)
+        return sharding.constrain(x, (None, "activation_batch", "activation_length")[:x.ndim], rules)  # [k, B/k, (T)]
 
     return jax.tree.map(split, batch)
 
