@@ -77,9 +77,8 @@ def sft_loss(model, batch: dict[str, jax.Array], chunk_size: int = LOGITS_CHUNK)
 
 def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int, rules=None) -> dict[str, jax.Array]:
     """[B, T] -> [k, B/k, T] (and [B] -> [k, B/k]); microbatch a holds rows a, k + a, 2k + a, ... so that,
-    with the batch
-    split over devices in contiguous blocks, every microbatch is spread evenly over all devices and the
-    split moves no data between them."""
+    with the batch split over devices in contiguous blocks, every microbatch is spread evenly over all
+    devices and the split moves no data between them."""
     k = num_microbatches
 
     def split(x):
