@@ -28,6 +28,8 @@ from kardia_jax.grpo import (
 GROUP = 4
 NUM_SEQ = 8  # two prompts x four samples
 T = 12
+# float32 losses, gradients and advantages against the float64 NumPy transcription: float32 rounding of
+# exp/log and accumulation error of the sums over the 96 tokens (observed: <= 2e-5 relative, 1e-7 absolute).
 ATOL = RTOL = 1e-5
 
 
@@ -156,9 +158,10 @@ def test_metrics_match_numpy():
     q = (ref.astype(np.float64) - logp)[on]
     low, high = (ratio < 0.8) & (a < 0), (ratio > 1.28) & (a > 0)
     assert low.any() and high.any()
-    np.testing.assert_allclose(metrics["clip_ratio/low"], low.mean(), atol=ATOL)
-    np.testing.assert_allclose(metrics["clip_ratio/high"], high.mean(), atol=ATOL)
-    np.testing.assert_allclose(metrics["clip_ratio/region"], (low | high).mean(), atol=ATOL)
+    # Fractions of 0/1 flags: float32 sums of integers are exact, the division rounds once.
+    np.testing.assert_allclose(metrics["clip_ratio/low"], low.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["clip_ratio/high"], high.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["clip_ratio/region"], (low | high).mean(), rtol=1e-6)
     np.testing.assert_allclose(metrics["ratio_mean"], ratio.mean(), atol=ATOL, rtol=RTOL)
     np.testing.assert_allclose(metrics["kl"], (np.exp(q) - q - 1).mean(), atol=ATOL, rtol=RTOL)
 
@@ -173,10 +176,12 @@ def test_on_policy_zero_loss_nonzero_grad(aggregation):
     adv = group_advantages(jnp.asarray(rewards), GROUP)
     for old in (logp, None):  # explicit old logprobs, and on-policy stop_gradient(logp)
         loss, grad, metrics = loss_and_grad(logp, old, None, adv, mask, config)
+        # The target is 0, so only an atol applies: the float32 sum of 96 advantage-weighted terms of size ~1
+        # cancels to within float32 accumulation error (observed 1.5e-7).
         np.testing.assert_allclose(loss, 0.0, atol=1e-6)
         assert np.abs(np.asarray(grad)).max() > 1e-3
         assert "kl" not in metrics
-        np.testing.assert_allclose(metrics["ratio_mean"], 1.0, atol=1e-6)
+        np.testing.assert_allclose(metrics["ratio_mean"], 1.0, rtol=1e-6)  # exp(0) = 1; the mean rounds at most once
 
 
 def test_beta_zero_needs_no_reference():
@@ -185,8 +190,9 @@ def test_beta_zero_needs_no_reference():
     config = GRPOConfig(beta=0.0)
     loss_none, grad_none, _ = loss_and_grad(logp, old, None, adv, mask, config)
     loss_ref, grad_ref, metrics = loss_and_grad(logp, old, ref, adv, mask, config)
-    np.testing.assert_allclose(loss_none, loss_ref, atol=1e-7)
-    np.testing.assert_allclose(grad_none, grad_ref, atol=1e-7)
+    # Two programs (with and without the reference input) may order the float32 sums differently.
+    np.testing.assert_allclose(loss_none, loss_ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad_none, grad_ref, rtol=1e-6, atol=1e-7)
     assert "kl" in metrics  # still logged when a reference is given
     with pytest.raises(ValueError, match="ref_logp"):
         grpo_loss(jnp.asarray(logp), old, None, adv, mask, GRPOConfig(beta=0.04))

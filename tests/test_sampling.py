@@ -1,6 +1,8 @@
 """The sampler against references: transformers greedy generation token for token, teacher-forced
 log-probabilities, stop handling, filtering, and sharded == unsharded."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +74,9 @@ def test_logprobs_equal_teacher_forced_forward(qwen2, top_k, top_p):
     config = SamplingConfig(num_samples=3, max_new_tokens=NEW_TOKENS, temperature=0.7, top_k=top_k, top_p=top_p)
     out = generate(model, tokens, mask, jax.random.key(1), config)
     ref = _teacher_forced_logprobs(model, tokens, mask, out, 0.7, 3)
-    np.testing.assert_allclose(np.asarray(out.logprobs), ref, atol=1e-4)
+    # float32 accumulation error: one token at a time through the KV cache against one full forward
+    # (logprobs down to ~-8; observed <= 4.3e-6).
+    np.testing.assert_allclose(np.asarray(out.logprobs), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_top_k_one_is_greedy(qwen2):
@@ -99,8 +103,13 @@ def test_stop_token_ends_row_inside_mask_and_truncation_flag(qwen2):
     _, _, model = qwen2
     tokens, mask = _prompts(model.config.vocab_size)
     greedy = np.asarray(generate(model, tokens, mask, jax.random.key(0), SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0)).tokens)
-    stop = int(greedy[0, 3])  # row 0 emits it at step 3 (or earlier, if it repeats)
+    # The stop token: one that the most rows emit, but not all, so that rows stop at their own steps and a
+    # row without it runs to the end (greedy decoding with the stop is greedy decoding cut at the stop).
+    rows_with = collections.Counter(t for row in greedy for t in set(row.tolist()))
+    stop = max(rows_with, key=lambda t: (rows_with[t] < len(greedy), rows_with[t]))
     first = {i: int(np.argmax(row == stop)) if (row == stop).any() else None for i, row in enumerate(greedy)}
+    stopped = {i: at for i, at in first.items() if at is not None}
+    assert len(set(stopped.values())) >= 2 and len(stopped) < len(greedy), (greedy, stop)  # both cases exercised
     pad = 0
     out = generate(model, tokens, mask, jax.random.key(0), SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0, stop_ids=(stop,), pad_id=pad))
     out_tokens, out_mask = np.asarray(out.tokens), np.asarray(out.mask)
@@ -110,11 +119,11 @@ def test_stop_token_ends_row_inside_mask_and_truncation_flag(qwen2):
             np.testing.assert_array_equal(out_tokens[i], greedy[i])
         else:
             assert not out.truncated[i]
+            np.testing.assert_array_equal(out_tokens[i, : at + 1], greedy[i, : at + 1])  # up to and with the stop
             assert out_mask[i, : at + 1].all() and not out_mask[i, at + 1 :].any()  # stop token inside the mask
-            assert out_tokens[i, at] == stop and (out_tokens[i, at + 1 :] == pad).all()
+            assert (out_tokens[i, at + 1 :] == pad).all()
             assert int(out.lengths[i]) == at + 1
             assert float(np.abs(np.asarray(out.logprobs)[i, at + 1 :]).sum()) == 0.0
-    assert first[0] is not None
 
 
 def test_filter_logits_top_k_and_nucleus():
@@ -174,7 +183,7 @@ def test_decode_segments_do_not_change_samples(qwen2, segments):
     ref = generate(model, tokens, mask, jax.random.key(4), config)
     out = generate(model, tokens, mask, jax.random.key(4), SamplingConfig(**{**config.__dict__, "decode_segments": segments}))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
-    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), rtol=1e-5, atol=1e-5)
 
 
 def test_sharded_greedy_equals_unsharded(qwen2):
@@ -191,4 +200,5 @@ def test_sharded_greedy_equals_unsharded(qwen2):
     with jax.set_mesh(mesh):
         out = make_sampler(graphdef, config)(params, jax.device_put(tokens, batch), jax.device_put(mask, batch), jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
-    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+    # float32 accumulation error: the sums split over devices (observed <= 2.4e-6 at |logp| <= 3.6).
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), rtol=1e-5, atol=1e-5)

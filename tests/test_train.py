@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
+from helpers_float import assert_trees_close
 from kardia_jax import train
 from kardia_jax.config import base_config
 from kardia_jax.models import Decoder, chunked_logprobs, positions_from_mask, preset
@@ -101,14 +102,13 @@ def test_update_gradient_equals_autodiff_of_the_written_out_loss(tmp_path):
     (value, entropy), grads = jax.value_and_grad(loss, has_aux=True)(params)
     np.testing.assert_allclose(float(stats["loss"]), float(value), rtol=1e-5)
     np.testing.assert_allclose(float(stats["entropy"]), float(entropy), rtol=1e-5)
-    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
-    jax.tree.map(lambda a, b, g: np.testing.assert_allclose(np.asarray(b - a), np.asarray(g), atol=1e-5 * scale, rtol=0),
-                 new, params, grads)
+    assert_trees_close(jax.tree.map(lambda a, b: b - a, new, params), grads)  # float32 accumulation error
 
 
 def test_completion_logprobs_read_each_prompt_once_and_equal_full_sequences():
     """The shared-prompt forward (and its gradient) against a plain forward over N = B·G full sequences
-    (each prompt repeated G times, left-padded prompts, right-padded completions), within 1e-5."""
+    (each prompt repeated G times, left-padded prompts, right-padded completions), within float32
+    accumulation error."""
     model = Decoder(preset("tiny-qwen3"), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     b, g = 3, 4
@@ -127,10 +127,13 @@ def test_completion_logprobs_read_each_prompt_once_and_equal_full_sequences():
         return jnp.take_along_axis(logp, r.completion[..., None], -1)[..., 0]
 
     valid = np.asarray(r.completion_mask) > 0
-    np.testing.assert_allclose(np.asarray(shared(params))[valid], np.asarray(full(params))[valid], atol=1e-5)
+    # float32 accumulation error: the prompt's sums once per group against once per sequence.
+    np.testing.assert_allclose(np.asarray(shared(params))[valid], np.asarray(full(params))[valid], rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda params: jnp.sum(f(params) * r.completion_mask * r.advantages[:, None])
     grads = [jax.grad(loss(f))(params) for f in (shared, full)]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
+    # The tied embedding's gradient (|max| ~16) sums the G copies of each prompt in another order: its entries
+    # that cancel to ~0.2 are off by up to 1.2e-5 on some CPUs (6.5e-5 relative).
+    assert_trees_close(*grads)
 
 
 def test_optimizer_state_is_sharded_like_the_params():
