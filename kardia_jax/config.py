@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.save_every = 200
     c.sft.max_to_keep = 3
     c.sft.max_steps = 0  # 0: num_epochs over the subset
+    # An update whose loss, gradients or updates are not finite is skipped (params and optimizer state
+    # unchanged) and counted; this many in a row stop the run with an error (>= 1).
+    c.sft.max_consecutive_nonfinite = 10
     c.sft.log_every = 10
     c.sft.eval_max_new_tokens = 256
     c.sft.eval_batch_size = 32
@@ -76,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.subset = "hard"
     c.grpo.init_from = ""  # empty: the SFT checkpoint under workdir/sft (else model.*); or a HF dir
     c.grpo.learning_rate = 1e-6
-    c.grpo.warmup_steps = 0
+    c.grpo.warmup_steps = 0  # in rollout steps; the schedule counts updates (num_iterations per step)
     c.grpo.weight_decay = 0.0
     c.grpo.grad_clip = 1.0
     c.grpo.prompts_per_step = 32
@@ -107,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.log_every = 1
     c.grpo.print_samples_every = 10
     c.grpo.max_steps = 0  # 0: num_epochs over the subset
+    # Non-finite updates in a row (each skipped, params and optimizer state unchanged) that stop the run
+    # with an error (>= 1); counted in updates, num_iterations per step, checked after each step.
+    c.grpo.max_consecutive_nonfinite = 10
 
     # The rubric judge: its own model and its own sharding rules (frozen: shard for memory).
     c.judge = ml_collections.ConfigDict()
