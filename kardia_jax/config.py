@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.save_every = 200  # checkpoint every N steps (and at the end, and on SIGTERM)
     c.sft.max_to_keep = 3  # checkpoints kept
     c.sft.max_steps = 0  # 0: num_epochs over the subset
+    # An update whose loss, gradients or updates are not finite is skipped (params and optimizer state
+    # unchanged) and counted; this many in a row stop the run with an error (>= 1).
+    c.sft.max_consecutive_nonfinite = 10
     c.sft.log_every = 10  # metrics every N steps (and at the last)
     # Sequence positions per chunk of the vocab projection in the loss: a chunk's [rows, chunk, V]
     # float32 logits are the loss's largest temporary.
@@ -118,7 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.subset = "hard"  # easy, hard or all
     c.grpo.init_from = ""  # empty: the SFT checkpoint under workdir/sft (else model.*); or a HF dir
     c.grpo.learning_rate = 1e-6  # AdamW peak, after linear warm-up, cosine decay to 0
-    c.grpo.warmup_steps = 0
+    c.grpo.warmup_steps = 0  # in rollout steps; the schedule counts updates (num_iterations per step)
     c.grpo.weight_decay = 0.0
     c.grpo.grad_clip = 1.0  # global-norm clipping (0: none)
     c.grpo.prompts_per_step = 32  # B, over all processes
@@ -151,6 +154,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.print_samples_every = 10  # log two decoded completions every N steps (0: never)
     c.grpo.max_steps = 0  # 0: num_epochs over the subset
     c.grpo.eval_max_samples = 0  # test-split prompts of the before/after reward table; 0: all
+    # Non-finite updates in a row (each skipped, params and optimizer state unchanged) that stop the run
+    # with an error (>= 1); counted in updates, num_iterations per step, checked after each step.
+    c.grpo.max_consecutive_nonfinite = 10
 
     # The rubric judge: its own model and its own sharding rules (frozen: shard for memory).
     # Exactly one source when grpo.reward_weights.rubric > 0: from_policy, preset or hf_path.

@@ -7,13 +7,15 @@ end-of-turn id; `loss_mask`), over every such token of the global batch. It is c
 decoder's chunked `target_logprobs`, so the [B, T, V] logits never exist at once. The jitted train step
 takes the parameters as arguments (`nnx.split`: the graph is static), donates parameters and optimizer
 state, runs `sft.grad_accum_steps` microbatches in a `lax.scan` and applies one AdamW update
-(warm-up + cosine, global-norm clipping).
+(warm-up + cosine, global-norm clipping), unless its loss, gradients or update are not finite: then the
+parameters and optimizer state stay as they were, the step is counted, and `sft.max_consecutive_nonfinite`
+such steps in a row stop the run with an error.
 
 Everything lives under `<workdir>/sft/`:
     <step>/           Orbax checkpoints (params, optimizer, data-iterator position, RNG, step, config)
                       every `sft.save_every` steps, at the end, and on SIGTERM
     run_config.json   the config of the run
-    metrics.jsonl     loss, grad norm, learning rate, tokens/s (also TensorBoard in tensorboard/)
+    metrics.jsonl     loss, grad norm, learning rate, tokens/s, non-finite counts (also TensorBoard)
     eval_before.json  greedy test-split metrics of the initial parameters (step 0)
     hf/               the final model in Hugging Face format, with the tokenizer files
     results.json      before/after metrics of the finished run
@@ -120,12 +122,13 @@ def accumulated_grads(graphdef: nnx.GraphDef, params, batch: dict[str, jax.Array
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, num_microbatches: int,
                     param_shardings, opt_shardings, chunk_size: int = LOGITS_CHUNK, rules=None):
     """The jitted `step(params, opt_state, batch) -> (params, opt_state, stats)`; params and opt_state
-    are donated and keep their shardings. stats: loss, grad_norm (before clipping), target_tokens."""
+    are donated and keep their shardings. stats: loss, grad_norm (before clipping), target_tokens.
+    `optimizer` is a `training.make_optimizer` one: a non-finite update leaves params and state as they were."""
 
     def step(params, opt_state, batch):
         grads, loss, tokens = accumulated_grads(graphdef, params, batch, num_microbatches, chunk_size, rules)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, opt_state = optimizer.update(grads, opt_state, params, loss=loss)
+        params = training.apply_updates(params, updates, opt_state)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": tokens}
 
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
@@ -220,6 +223,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         train_step = make_train_step(graphdef, optimizer, num_microbatches=k, param_shardings=param_shardings,
                                      opt_shardings=opt_shardings, chunk_size=sft.logits_chunk_size, rules=rules)
         final_loss = None
+        nonfinite_limit = training.nonfinite_limit(sft, "sft")
         with metrics.MetricsLogger(workdir) as logger, checkpoints.PreemptionGuard() as preemption:
             logger.progress(total_steps, initial_step=start)
             clock, tokens_seen = time.perf_counter(), 0
@@ -228,16 +232,25 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
                 params, opt_state, stats = train_step(params, opt_state, training.shard_batch(host_batch, mesh))
                 tokens_seen += int(host_batch["input_mask"].sum()) * jax.process_count()
                 done = step + 1
-                if done % sft.log_every == 0 or done == total_steps or done == stop_after:
-                    stats = jax.device_get(stats)  # waits for the step
+                progress = training.optimizer_progress(opt_state)  # waits for the step
+                # A skipped (non-finite) step is always logged.
+                if (done % sft.log_every == 0 or done == total_steps or done == stop_after
+                        or progress.consecutive_nonfinite):
+                    stats = jax.device_get(stats)
                     elapsed = time.perf_counter() - clock
                     final_loss = float(stats["loss"])
                     logger.log(done, {
                         "loss": stats["loss"], "grad_norm": stats["grad_norm"],
-                        "learning_rate": training.learning_rate_at(sft.learning_rate, warmup_steps, total_steps, step),
+                        "learning_rate": training.learning_rate_at(sft.learning_rate, warmup_steps, total_steps,
+                                                                   progress.latest_update),
                         "tokens_per_second": tokens_seen / elapsed, "target_tokens": stats["target_tokens"],
-                    })
+                    } | progress.metrics())
                     clock, tokens_seen = time.perf_counter(), 0
+                error = training.nonfinite_error(progress, section="sft", limit=nonfinite_limit, step=done,
+                                                 stats=stats, checkpoint_dir=ckpt.directory)
+                if error is not None:
+                    ckpt.close()  # waits for pending saves, all of finite parameters
+                    raise error
                 stop = preemption.reached(done) or (stop_after > 0 and done >= stop_after)
                 ckpt.save(done, params, opt_state, data_iterator_state=iterator.get_state(), rng=rng,
                           metadata=snapshot, force=stop or done == total_steps)

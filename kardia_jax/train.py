@@ -7,7 +7,13 @@ One step, with B prompts, G samples each (N = B·G completions of up to T tokens
             --score-->  format, emotion [N]; judge's five criteria [N, 5]; total reward and group
                         advantages [N]                                          (judge read in-graph)
             --update x num_iterations--> new params, optimizer state            (num_minibatches
-                        accumulated in one jitted scan, normalized over the whole batch)
+                        accumulated in one jitted scan, normalized over the whole batch; an update
+                        that is not finite is skipped and counted, `grpo.max_consecutive_nonfinite`
+                        in a row stop the run)
+
+The learning-rate schedule counts updates: `grpo.warmup_steps` and the run's steps are multiplied by
+num_iterations, and the logged learning rate is the one the step's last update used (read from the
+optimizer state's count).
 
 Only the reward components with a positive `grpo.reward_weights` are computed and logged: with
 `--config.grpo.reward_weights.rubric=0` no judge is loaded and nothing is logged under `reward/rubric`.
@@ -192,7 +198,8 @@ class Steps:
 
     def _update(self, params, opt_state, rollout: Rollout):
         """One optimizer step over the whole rollout batch, as `num_minibatches` accumulated parts (each a
-        whole number of prompts with their G samples)."""
+        whole number of prompts with their G samples). `self.optimizer` is a `training.skip_nonfinite` one:
+        an update whose loss, gradients or updates are not finite leaves params and opt_state as they were."""
         k = self.config.grpo.num_minibatches
         norms = loss_normalizers(rollout.completion_mask, self.loss_config, rollout.truncated)
         parts = _minibatches(rollout, k)
@@ -222,8 +229,8 @@ class Steps:
         zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats))
         (grads, stats), _ = jax.lax.scan(accumulate, zeros, parts)
         grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params, loss=stats["loss"])
+        params = training.apply_updates(params, updates, opt_state)  # unchanged if the update was not finite
         stats["grad_norm"] = optax.global_norm(grads)
         return params, opt_state, stats
 
@@ -319,9 +326,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 f"GRPO has no full batch: {len(pipeline.samples)} {g.subset!r} prompts < grpo.prompts_per_step="
                 f"{g.prompts_per_step}; lower prompts_per_step or use another subset."
             )
-        optimizer = training.make_optimizer(g.learning_rate, g.warmup_steps, total_steps, g.weight_decay, g.grad_clip)
+        # The schedule counts updates, num_iterations (mu) per step: warm-up and decay span mu times the steps.
+        mu = g.num_iterations
+        optimizer = training.make_optimizer(g.learning_rate, g.warmup_steps * mu, total_steps * mu, g.weight_decay,
+                                            g.grad_clip)
         opt_state = training.init_optimizer(optimizer, params)
         steps = Steps(graphdef, params, judge, tokenizer, config, optimizer)
+        nonfinite_limit = training.nonfinite_limit(g, "grpo")
 
         iterator = iter(pipeline)
         rng = jax.random.key(config.seed)
@@ -360,9 +371,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     )
                 rollout = Rollout(prompt, prompt_mask, out.tokens, out.mask, out.truncated, old_logp, ref_logp, advantages)
                 with timer("update"):
-                    for _ in range(g.num_iterations):
+                    for _ in range(mu):
                         params, opt_state, update_stats = steps.update(params, opt_state, rollout)
                     jax.block_until_ready(params)
+                progress = training.optimizer_progress(opt_state)
                 times = timer.summary()
                 generated = jnp.sum(out.mask)
                 logger.log(
@@ -374,9 +386,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                         "completion/length": out.lengths.mean(),
                         "completion/truncated": out.truncated.mean(),
                         "tokens_per_second": generated / sum(times.values()),
-                        "learning_rate": training.learning_rate_at(g.learning_rate, g.warmup_steps, total_steps, step),
-                    },
+                        # The rate the step's last update used (its loss etc. are logged too).
+                        "learning_rate": training.learning_rate_at(g.learning_rate, g.warmup_steps * mu, total_steps * mu,
+                                                                   progress.latest_update),
+                    }
+                    | progress.metrics(),
                 )
+                error = training.nonfinite_error(progress, section="grpo", limit=nonfinite_limit, step=step + 1,
+                                                 stats=update_stats, checkpoint_dir=ckpt.directory)
+                if error is not None:
+                    ckpt.close()  # waits for pending saves, all of finite parameters
+                    raise error
                 if g.print_samples_every and (step + 1) % g.print_samples_every == 0:
                     _print_samples(tokenizer, out, host_samples, g.num_samples)
                 stop = preemption.reached(step + 1)

@@ -3,6 +3,7 @@ the shared trainer pieces (optimizer, batches, policy loading), and whole runs: 
 resumed, outputs written and loadable."""
 
 import json
+import math
 import os
 
 import jax
@@ -12,6 +13,7 @@ import pytest
 from flax import nnx
 
 from helpers_float import assert_trees_close
+from helpers_training import assert_same_bits, checkpoint_item
 from kardia_jax import checkpoints, sft, sharding, training
 from kardia_jax.config import base_config
 from kardia_jax.data.pipeline import BatchConfig, load_samples, sft_pipeline
@@ -145,16 +147,22 @@ def test_grad_accumulation_equals_one_big_batch(tiny, samples, tokenizer):
     assert len({int(host["loss_mask"][a::4, 1:].sum()) for a in range(4)}) > 1
 
 
+def _train_step(model):
+    """A copy of `model`'s params (the step donates its inputs), a fresh AdamW state and the jitted SFT step."""
+    graphdef, state = nnx.split(model)
+    params = jax.tree.map(jnp.copy, nnx.to_pure_dict(state))
+    optimizer = training.make_optimizer(3e-3, 0, 20, 0.0, 1.0)
+    opt_state = training.init_optimizer(optimizer, params)
+    step = sft.make_train_step(graphdef, optimizer, num_microbatches=2,
+                               param_shardings=jax.tree.map(lambda x: x.sharding, params),
+                               opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state), rules=model.rules)
+    return params, opt_state, step
+
+
 def test_a_few_steps_lower_the_loss(tiny, samples, tokenizer):
     _, mesh, model = tiny
-    graphdef, state = nnx.split(model)
-    params = jax.tree.map(jnp.copy, nnx.to_pure_dict(state))  # copies: the step donates its inputs
-    optimizer = training.make_optimizer(3e-3, 0, 20, 0.0, 1.0)
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(optimizer.init)(params)
-        step = sft.make_train_step(graphdef, optimizer, num_microbatches=2,
-                                   param_shardings=jax.tree.map(lambda x: x.sharding, params),
-                                   opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state), rules=model.rules)
+        params, opt_state, step = _train_step(model)
         batch = training.shard_batch(_batch(samples, tokenizer, 16)[0], mesh)
         losses = []
         for _ in range(5):
@@ -162,6 +170,29 @@ def test_a_few_steps_lower_the_loss(tiny, samples, tokenizer):
             losses.append(float(stats["loss"]))
     assert losses[-1] < losses[0] - 0.5, losses
     assert stats["grad_norm"] > 0 and stats["target_tokens"] == _batch(samples, tokenizer, 16)[0]["loss_mask"][:, 1:].sum()
+
+
+def test_a_step_with_an_infinite_loss_weight_is_skipped(tiny, samples, tokenizer):
+    """An Inf among a batch's loss weights (NaN loss, non-finite gradients): the parameters and AdamW's state
+    keep their bits and the step is counted; the next finite step is applied."""
+    _, mesh, model = tiny
+    host = _batch(samples, tokenizer, 16)[0]
+    clean = dict(host, loss_mask=host["loss_mask"].astype(np.float32))  # float weights, to hold an Inf
+    poisoned = dict(clean, loss_mask=clean["loss_mask"].copy())
+    poisoned["loss_mask"][3, np.argmax(host["loss_mask"][3])] = np.inf
+    with jax.set_mesh(mesh):
+        params, opt_state, step = _train_step(model)
+        params, opt_state, _ = step(params, opt_state, training.shard_batch(clean, mesh))  # moments are not zero
+        before = jax.device_get((params, opt_state.inner))
+        params, opt_state, stats = step(params, opt_state, training.shard_batch(poisoned, mesh))
+        assert not np.isfinite(float(stats["loss"]))
+        assert_same_bits((params, opt_state.inner), before)
+        progress = training.optimizer_progress(opt_state)
+        assert (progress.updates, progress.nonfinite, progress.consecutive_nonfinite) == (1, 1, 1)
+        params, opt_state, _ = step(params, opt_state, training.shard_batch(clean, mesh))
+    progress = training.optimizer_progress(opt_state)
+    assert (progress.updates, progress.nonfinite, progress.consecutive_nonfinite) == (2, 1, 0)
+    assert any(np.any(np.asarray(a) != b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before[0])))
 
 
 # -- shared trainer pieces -----------------------------------------------------------------------
@@ -290,3 +321,29 @@ def test_saved_tokenizer_encodes_like_the_original(reference_run, tokenizer):
     saved = load_tokenizer(os.path.join(workdir, "sft", "hf"))
     text = "You support user_4f55c9. Call 1234 <|emotion_begin|>sad<|emotion_end|>"
     assert saved.encode(text) == tokenizer.encode(text)
+
+
+def test_nonfinite_steps_stop_the_run_and_leave_every_checkpoint_finite(tmp_path):
+    """Resumed with an infinite learning rate (finite loss and gradients, non-finite updates), every step is
+    skipped and logged; the checkpoints, rotated with max_to_keep = 1, hold the last finite parameters and
+    optimizer state bit for bit; sft.max_consecutive_nonfinite = 3 such steps in a row stop the run with the
+    error; and a rerun continues the count from the checkpoint: its first step is the third."""
+    config, sft_dir = _config(tmp_path), os.path.join(tmp_path, "sft")
+    sft.run(config, stop_after=2)
+    finite = {item: checkpoint_item(sft_dir, 2, item) for item in ("params", "opt_state")}
+    config.sft.learning_rate = math.inf
+    config.sft.save_every, config.sft.max_to_keep, config.sft.max_consecutive_nonfinite = 1, 1, 3
+    stop = r"3 updates in a row were not finite, the last at step 5 \(sft.max_consecutive_nonfinite=3\)"
+    with pytest.raises(FloatingPointError, match=stop):
+        sft.run(config)
+    rows = read_jsonl(os.path.join(sft_dir, "metrics.jsonl"))
+    assert [(r["step"], r["train/consecutive_nonfinite"], r["train/nonfinite_updates"]) for r in rows] == [
+        (1, 0, 0), (2, 0, 0), (3, 1, 1), (4, 2, 2), (5, 3, 3)]
+    with checkpoints.Checkpointer(sft_dir) as ckpt:
+        assert ckpt.all_steps() == [4]  # step 5 raised before saving
+    assert_same_bits(checkpoint_item(sft_dir, 4, "params"), finite["params"])
+    opt_state = checkpoint_item(sft_dir, 4, "opt_state")
+    assert_same_bits(opt_state["inner"], finite["opt_state"]["inner"])
+    assert (int(opt_state["consecutive"]), int(opt_state["total"])) == (2, 2)
+    with pytest.raises(FloatingPointError, match=stop):
+        sft.run(config)  # resumes at step 4 with 2 in a row

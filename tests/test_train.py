@@ -1,6 +1,7 @@
 """The GRPO trainer: accumulation equals one big batch, and a short run logs, checkpoints and resumes."""
 
 import json
+import math
 import os
 
 import jax
@@ -11,8 +12,10 @@ import pytest
 from flax import nnx
 
 from helpers_float import assert_trees_close
-from kardia_jax import train
+from helpers_training import assert_same_bits, checkpoint_item
+from kardia_jax import checkpoints, train, training
 from kardia_jax.config import base_config
+from kardia_jax.metrics import read_jsonl
 from kardia_jax.models import Decoder, chunked_logprobs, positions_from_mask, preset
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 
@@ -67,7 +70,7 @@ def test_minibatch_accumulation_equals_one_batch(tmp_path, aggregation):
     changed = []
     for k in (1, 4):
         config = tiny_config(tmp_path, num_minibatches=k, loss_aggregation=aggregation)
-        steps = train.Steps(graphdef, params, None, tokenizer, config, optax.sgd(1.0))
+        steps = train.Steps(graphdef, params, None, tokenizer, config, training.skip_nonfinite(optax.sgd(1.0)))
         fresh = jax.tree.map(jnp.copy, params)
         new, _, stats = steps.update(fresh, steps.optimizer.init(fresh), rollout)
         changed.append((jax.tree.map(lambda a, b: np.asarray(a - b), new, params), stats))
@@ -88,7 +91,7 @@ def test_update_gradient_equals_autodiff_of_the_written_out_loss(tmp_path):
     graphdef, params = nnx.split(model)
     rollout = random_rollout(4, 2, 5, 6, 512)
     config = tiny_config(tmp_path, logits_chunk_size=4, temperature=0.8)
-    steps = train.Steps(graphdef, params, None, tokenizer, config, optax.sgd(1.0))
+    steps = train.Steps(graphdef, params, None, tokenizer, config, training.skip_nonfinite(optax.sgd(1.0)))
     new, _, stats = steps.update(jax.tree.map(jnp.copy, params), steps.optimizer.init(params), rollout)
 
     def loss(params):
@@ -138,7 +141,7 @@ def test_completion_logprobs_read_each_prompt_once_and_equal_full_sequences():
 
 def test_optimizer_state_is_sharded_like_the_params():
     """Adam's moments follow the params' shardings (a plain jit of optimizer.init puts them on one device)."""
-    from kardia_jax import sharding, training
+    from kardia_jax import sharding
 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     with jax.set_mesh(mesh):
@@ -146,10 +149,11 @@ def test_optimizer_state_is_sharded_like_the_params():
     params = nnx.split(model)[1]
     optimizer = training.make_optimizer(1e-3, 2, 10, 0.1, 1.0)
     state = training.init_optimizer(optimizer, params)
-    adam = state[1][0]
+    adam = state.inner[1][0]
     for moments in (adam.mu, adam.nu):
         jax.tree.map(lambda m, p: assert_same_sharding(m.sharding, p.sharding, m.ndim), moments, params)
-    assert adam.count.sharding.is_fully_replicated and len(adam.count.sharding.device_set) == 8
+    for count in (adam.count, state.consecutive, state.total):
+        assert count.sharding.is_fully_replicated and len(count.sharding.device_set) == 8
     assert params["layers"]["q"].get_value().sharding.spec != jax.sharding.PartitionSpec()  # the check is not vacuous
 
 
@@ -221,3 +225,59 @@ def test_steps_score_without_a_judge_only_when_the_rubric_is_off(tmp_path):
     steps = train.Steps(graphdef, params, None, tokenizer, config, optax.sgd(1.0))
     with pytest.raises(ValueError, match=r"grpo.reward_weights.rubric=0.5 needs a judge"):
         steps.score(None, r.completion, r.completion_mask, emotion, None)
+
+
+def test_an_update_with_an_infinite_advantage_is_skipped(tmp_path):
+    """An Inf in one advantage makes the loss and gradients non-finite: the update leaves the parameters and
+    AdamW's state bit-identical and is counted; the next finite update is applied."""
+    tokenizer = load_tokenizer(tokenizer_path())
+    graphdef, params = nnx.split(Decoder(preset("tiny-qwen2"), rngs=nnx.Rngs(0)))
+    steps = train.Steps(graphdef, params, None, tokenizer, tiny_config(tmp_path),
+                        training.make_optimizer(1e-3, 0, 10, weight_decay=0.1, grad_clip=1.0))
+    rollout = random_rollout(4, 2, 5, 6, 512)
+    params, opt_state, _ = steps.update(params, steps.optimizer.init(params), rollout)  # moments are not zero
+    before = jax.device_get((params, opt_state.inner))  # the update donates its inputs
+    poisoned = rollout._replace(advantages=rollout.advantages.at[3].set(jnp.inf))
+    params, opt_state, stats = steps.update(params, opt_state, poisoned)
+    assert not np.isfinite(stats["loss"])
+    assert_same_bits((params, opt_state.inner), before)
+    progress = training.optimizer_progress(opt_state)
+    assert (progress.updates, progress.nonfinite, progress.consecutive_nonfinite) == (1, 1, 1)
+    params, opt_state, _ = steps.update(params, opt_state, rollout)
+    progress = training.optimizer_progress(opt_state)
+    assert (progress.updates, progress.nonfinite, progress.consecutive_nonfinite) == (2, 1, 0)
+    assert any(np.any(np.asarray(a) != b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before[0])))
+
+
+def test_mu_updates_per_step_follow_one_schedule_and_a_nonfinite_run_stops(tmp_path):
+    """num_iterations = 2: the schedule spans steps x 2 updates (warm-up too), the logged learning rate is the
+    one the step's last update used, and the checkpointed count is steps x 2. Then, resumed with an infinite
+    learning rate (finite loss and gradients, non-finite updates), every update is skipped and counted, the
+    checkpoints keep the last finite parameters, and the run stops with the error at the limit."""
+    lr, grpo_dir = 1e-3, os.path.join(tmp_path, "grpo")
+    train.run(tiny_config(tmp_path, max_steps=3, num_iterations=2, warmup_steps=1, learning_rate=lr,
+                          print_samples_every=0))
+    rows = read_jsonl(os.path.join(grpo_dir, "metrics.jsonl"))
+    # 6 updates, 2 of warm-up: the last updates of the steps are updates 1, 3, 5 (0-based).
+    cosine = lambda u: 0.5 * (1 + math.cos(math.pi * (u - 2) / 4))
+    np.testing.assert_allclose([r["learning_rate"] for r in rows], [lr * 0.5, lr * cosine(3), lr * cosine(5)],
+                               rtol=1e-6, atol=1e-12)
+    assert [r["train/nonfinite_updates"] for r in rows] == [0, 0, 0]
+    state = checkpoint_item(grpo_dir, 3, "opt_state")
+    assert int(state["inner"][1][2]["count"]) == 6 == int(state["inner"][1][0]["count"])  # schedule, Adam
+
+    with pytest.raises(FloatingPointError, match=r"4 updates in a row were not finite, the last at step 5 "
+                                                 r"\(grpo.max_consecutive_nonfinite=3\): the loss .* finite but the "
+                                                 r"optimizer's update is not"):
+        train.run(tiny_config(tmp_path, max_steps=6, num_iterations=2, learning_rate=math.inf,
+                              max_consecutive_nonfinite=3, print_samples_every=0))
+    rows = read_jsonl(os.path.join(grpo_dir, "metrics.jsonl"))
+    assert [(r["step"], r["train/consecutive_nonfinite"]) for r in rows[3:]] == [(4, 2), (5, 4)]
+    with checkpoints.Checkpointer(grpo_dir) as ckpt:
+        assert ckpt.all_steps() == [2, 3, 4]  # step 5 raised before saving; max_to_keep = 3
+    skipped, finite = checkpoint_item(grpo_dir, 4, "opt_state"), state
+    assert (int(skipped["consecutive"]), int(skipped["total"])) == (2, 2)
+    assert_same_bits(skipped["inner"], finite["inner"])
+    params = [checkpoint_item(grpo_dir, step, "params") for step in (3, 4)]
+    assert_same_bits(params[1], params[0])
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params[1]))
