@@ -432,7 +432,10 @@ def main(argv):
         bucket = config.workdir[len("gs://"):].split("/", 1)[0]
         emulator = stack.enter_context(gcs.emulator(buckets=(bucket,)))
         print(f"GCS emulator at {emulator.url} serving gs://{bucket}; process logs in {logdir}")
-        env = dict(os.environ) | emulator.env | cache.env()
+        # One persistent compilation cache for every job and restart (as a pod would keep one in its
+        # workdir): a restarted job loads the programs its previous run compiled.
+        env = dict(os.environ) | emulator.env | cache.env() | {
+            "JAX_COMPILATION_CACHE_DIR": os.path.join(scratch, "compilation_cache")}
         r = Rehearsal(config_file, config, overrides, n, d, env, logdir, emulator.listing, _JOB_TIMEOUT.value)
 
         start = time.monotonic()
