@@ -254,17 +254,20 @@ class Rehearsal:
         overrides = self.overrides | (extra or {})
         return [f"--config={self.config_file}", *(f"--config.{k}={v}" for k, v in overrides.items())]
 
-    def run(self, name: str, module: str, args: list[str], *, watch=None, expect_codes=None) -> Job:
-        """Runs one job on every process; raises unless every exit code is 0 (or `expect_codes`)."""
+    def run(self, name: str, module: str, args: list[str], *, watch=None, expect_codes=None,
+            workdir: str | None = None) -> Job:
+        """Runs one job on every process; raises unless every exit code is 0 (or `expect_codes`). Reports
+        what it wrote under `workdir` (default: the config's)."""
         self.attempts += 1
         job = Job(name, module, args)
         start = time.monotonic()
-        before = set(self.listing(self.config.workdir))
+        workdir = workdir or self.config.workdir
+        before = set(self.listing(workdir))
         job.start(self.env, self.processes, self.devices, self.logdir, self.attempts)
         codes = job.wait(self.timeout_s, watch)
         if codes != (expect_codes or [0] * self.processes):
             raise RehearsalError(job.failure(codes))
-        written = sorted(set(self.listing(self.config.workdir)) - before)
+        written = sorted(set(self.listing(workdir)) - before)
         print(f"\n== {name}: {self.processes} processes x {self.devices} CPU devices, "
               f"{time.monotonic() - start:.0f} s, exit codes {codes}; wrote {len(written)} objects:")
         for line in _summarize(written):
@@ -323,7 +326,8 @@ def rehearse_faults(r: Rehearsal) -> None:
     grpo_dir = f"{workdir}/grpo"
     reference = f"{workdir}-reference"
     r.run("grpo reference (uninterrupted)", "train",
-          r.flags() + [f"--config.workdir={reference}", f"--config.grpo.init_from={workdir}/sft/hf"])
+          r.flags() + [f"--config.workdir={reference}", f"--config.grpo.init_from={workdir}/sft/hf"],
+          workdir=reference)
 
     seen = {}
 

@@ -3,6 +3,9 @@
 import json
 import math
 import os
+import signal
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +164,7 @@ def assert_same_sharding(a, b, ndim):
     assert a.is_equivalent_to(b, ndim), (a, b)
 
 
-def test_short_run_logs_checkpoints_and_resumes(tmp_path):
+def test_short_run_logs_and_checkpoints(tmp_path):
     config = tiny_config(tmp_path, max_steps=2)
     first = train.run(config)
     assert first["steps"] == 2 and first["before"] is not None
@@ -178,11 +181,34 @@ def test_short_run_logs_checkpoints_and_resumes(tmp_path):
     assert expected <= set(rows[0])
     assert os.path.exists(os.path.join(workdir, "rewards.png"))
 
-    # A second run with a longer budget resumes at step 2 (it does not start over), and continues the log.
-    second = train.run(tiny_config(tmp_path, max_steps=3))
-    assert second["steps"] == 3 and second["before"] is None
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+
+def test_a_run_stopped_by_sigterm_saves_and_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGTERM during a run: it saves a checkpoint at the next step boundary and returns; the rerun resumes
+    there (same next batch, same RNG) and ends with the parameters and optimizer state of a run that was
+    never interrupted, bit for bit."""
+    steps = 4
+    train.run(tiny_config(tmp_path / "whole", max_steps=steps, print_samples_every=0))
+    interrupted = tiny_config(tmp_path / "cut", max_steps=steps, print_samples_every=0)
+    metrics_file = tmp_path / "cut" / "grpo" / "metrics.jsonl"
+
+    def send_sigterm_after_the_first_step():
+        deadline = time.monotonic() + 600
+        while not metrics_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_sigterm_after_the_first_step, daemon=True).start()
+    stopped = train.run(interrupted)
+    assert stopped["after"] is None and 1 <= stopped["steps"] < steps, stopped
+    cut_dir = str(tmp_path / "cut" / "grpo")
+    assert checkpoints.Checkpointer(cut_dir).latest_step() == stopped["steps"]
+    resumed = train.run(interrupted)
+    assert resumed["before"] is None and resumed["steps"] == steps
+    rows = read_jsonl(metrics_file)
+    assert sorted({r["step"] for r in rows}) == list(range(1, steps + 1))
+    for item in ("params", "opt_state"):
+        assert_same_bits(checkpoint_item(cut_dir, steps, item), checkpoint_item(str(tmp_path / "whole" / "grpo"),
+                                                                               steps, item))
 
 
 def test_rubric_weight_zero_runs_without_a_judge(tmp_path, monkeypatch):
