@@ -361,7 +361,8 @@ def rehearse_faults(r: Rehearsal) -> None:
     if "Resumed" not in job.output(0):
         raise RehearsalError("the restarted GRPO run did not say it resumed from a checkpoint.")
     print(f"   SIGTERM: every process exited 0, checkpoint of step {latest} written")
-    r.run("grpo resumed to the end", "train", r.flags())
+    job = r.run("grpo resumed to the end", "train", r.flags())
+    print("\n" + _reward_table(job.output(0)))
 
     equal = _same_tensors(f"{reference}/grpo/hf", f"{grpo_dir}/hf", storage)
     print(f"   final parameters of the interrupted run equal the uninterrupted run's, bit for bit: {equal}")

@@ -54,7 +54,7 @@ def test_a_config_that_is_not_a_pod_config_or_does_not_fit_the_devices_is_refuse
         sharding.mesh_sizes(-1, -1, 1, 8)
 
 
-def _rehearse(*args: str, timeout: int = 1500) -> str:
+def _rehearse(*args: str, timeout: int = 2400) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "HF_HUB_OFFLINE", "HF_HUB_CACHE")}
     result = subprocess.run([sys.executable, "-m", "kardia_jax.rehearse", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=timeout, check=False)
@@ -62,27 +62,34 @@ def _rehearse(*args: str, timeout: int = 1500) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("name", ["qwen7b_tpu", "gemma7b_tpu"])
-def test_rehearsal_runs_sft_grpo_and_evaluation_as_two_processes(name):
-    out = _rehearse(f"--config=configs/{name}.py")
-    assert out.count("2 processes x 4 CPU devices") == 4  # the rehearsal, sft, grpo, evaluate
+def _check_end_to_end(out: str, name: str) -> None:
     workdir = f"gs://your-bucket/kardia/{name}"
     for written in ("sft/hf/config.json", "sft/hf/model.safetensors", "sft/metrics.jsonl", "grpo/metrics.jsonl",
                     "grpo/rewards.png", "grpo/hf/config.json", "grpo/hf/model.safetensors"):
         assert f"{workdir}/{written}" in out, written
-    for step in ("sft/2", "sft/4", "grpo/2", "grpo/4"):
+    for step in ("sft/2", "sft/4", "grpo/2", "grpo/4"):  # (and more in the fault run)
         assert re.search(rf"{re.escape(workdir)}/{step}/ \(\d+ objects, complete\)", out), step
     assert f"{workdir}/grpo/tensorboard/" in out
     table = out[out.index("reward component"):]
-    assert re.search(r"reward/total\s+\d\.\d{3}\s+\d\.\d{3}", table)
+    assert re.search(r"reward/total\s+(\d\.\d{3}|-)\s+\d\.\d{3}", table)  # no "before" in a resumed run
     assert re.search(r"reward/rubric/empathy\s+\d\.\d{3}", table)  # the judge was read
     for export in ("sft/hf", "grpo/hf"):
         assert re.search(rf"transformers loads {re.escape(workdir)}/{export}: config \(\w+\), tokenizer \(\d+ ids\), "
                          r"model \(\d+ parameters\)", out), export
 
 
+def test_rehearsal_runs_sft_grpo_and_evaluation_as_two_processes():
+    """qwen7b_tpu: policy and judge share a vocabulary, so the judge's input is assembled on device."""
+    out = _rehearse("--config=configs/qwen7b_tpu.py")
+    assert out.count("2 processes x 4 CPU devices") == 4  # the rehearsal, sft, grpo, evaluate
+    _check_end_to_end(out, "qwen7b_tpu")
+
+
 def test_rehearsal_survives_sigkill_during_a_save_and_sigterm_and_resumes_exactly():
-    out = _rehearse("--config=configs/qwen7b_tpu.py", "--faults", "--config.grpo.max_steps=6")
+    """gemma7b_tpu (its Qwen3 judge re-tokenizes the completions on every process), with faults: SIGKILL
+    while a checkpoint is written, SIGTERM, two restarts, and the same parameters as an uninterrupted run."""
+    out = _rehearse("--config=configs/gemma7b_tpu.py", "--faults", "--config.grpo.max_steps=6")
+    _check_end_to_end(out, "gemma7b_tpu")
     assert "killed while step 4 was being written; newest complete checkpoint: 2" in out
     assert "SIGTERM: every process exited 0" in out
     assert "final parameters of the interrupted run equal the uninterrupted run's, bit for bit: True" in out
