@@ -358,10 +358,10 @@ def rehearse_faults(r: Rehearsal) -> None:
     if not seen.get("sigterm") or latest is None or latest <= kill_step or latest >= total:
         raise RehearsalError(f"SIGTERM after step {kill_step}: expected every process to save a checkpoint past "
                              f"it and exit 0 before step {total}; newest checkpoint {latest}.")
-    if "Resumed" not in job.output(0):
-        raise RehearsalError("the restarted GRPO run did not say it resumed from a checkpoint.")
-    print(f"   SIGTERM: every process exited 0, checkpoint of step {latest} written")
+    _check_resumed(job, grpo_dir, kill_step - every)
+    print(f"   resumed from step {kill_step - every}; SIGTERM: every process exited 0, checkpoint of step {latest} written")
     job = r.run("grpo resumed to the end", "train", r.flags())
+    _check_resumed(job, grpo_dir, latest)
     print("\n" + _reward_table(job.output(0)))
 
     equal = _same_tensors(f"{reference}/grpo/hf", f"{grpo_dir}/hf", storage)
@@ -369,6 +369,13 @@ def rehearse_faults(r: Rehearsal) -> None:
     if not equal:
         raise RehearsalError("the interrupted-and-resumed GRPO run ended with other parameters than the "
                              "uninterrupted one.")
+
+
+def _check_resumed(job: Job, directory: str, step: int) -> None:
+    """The restarted job's process 0 said it resumed from `directory` at `step` (not from scratch)."""
+    if f"Resumed from {directory} at step {step}." not in job.output(0):
+        raise RehearsalError(f"{job.name}: process 0 did not resume from {directory} at step {step} "
+                             f"(log: {job.logs[0]}).")
 
 
 def _latest_complete(listing: list[str], directory: str) -> int | None:

@@ -335,14 +335,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         nonfinite_limit = training.nonfinite_limit(g, "grpo")
 
         iterator = iter(pipeline)
-        rng = jax.random.key(config.seed)
-        start = 0
         ckpt = checkpoints.Checkpointer(workdir, save_interval_steps=g.save_every, max_to_keep=g.max_to_keep)
-        restored = ckpt.restore_latest(params, opt_state)
-        if restored is not None:
-            params, opt_state, rng, start = restored.params, restored.opt_state, restored.rng, restored.step
-            iterator.set_state(restored.data_iterator_state)
-            logging.info("Resumed GRPO from step %d", start)
+        start, params, opt_state, rng = training.restore_or_init(
+            ckpt, params, opt_state, jax.random.key(config.seed), iterator)
 
         before = reward_table(steps, params, judge_params, judge, eval_pipeline, mesh, g.max_new_tokens) if start == 0 else None
         timer = metrics.Timer()

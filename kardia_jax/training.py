@@ -428,7 +428,8 @@ def restore_or_init(ckpt: checkpoints.Checkpointer, params, opt_state, rng: jax.
             raise ValueError(f"{ckpt.directory}/{restored.step}: the checkpoint has no data-iterator state, so "
                              "the run cannot continue with the batch that comes next.")
         iterator.set_state(restored.data_iterator_state)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, restored.step)
+    # A warning: resuming changes what the run does, so it is said at every verbosity.
+    logging.warning("Resumed from %s at step %d.", ckpt.directory, restored.step)
     return restored.step, restored.params, restored.opt_state, restored.rng if restored.rng is not None else rng
 
 
