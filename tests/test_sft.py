@@ -3,12 +3,14 @@ the shared trainer pieces (optimizer, batches, policy loading), and whole runs: 
 resumed, outputs written and loadable."""
 
 import json
+import logging
 import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -208,6 +210,17 @@ def test_schedule_and_weight_decay():
     updates, _ = optimizer.update(zero, optimizer.init(params), params)
     moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
     assert moved == {"embed": True, "final_norm": False, "layers": {"q": True, "q_bias": False, "attn_norm": False}}
+
+
+def test_schedule_without_warmup_is_the_cosine_and_logs_nothing(caplog):
+    # optax's warm-up schedule with 0 warm-up steps logs "non-positive transition_steps" each time it is
+    # built (train.py builds one per logged step); the schedule without warm-up has the same values.
+    with caplog.at_level(logging.INFO):
+        lrs = [training.learning_rate_at(1.0, 0, 10, s) for s in range(11)]
+    assert not [r for r in caplog.records if "transition_steps" in r.getMessage()]
+    reference = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=0, decay_steps=10)
+    np.testing.assert_allclose(lrs, [float(reference(s)) for s in range(11)], rtol=1e-6, atol=1e-7)
+    assert lrs[0] == 1.0 and lrs[10] == 0.0
 
 
 def test_shard_batch(tiny):
