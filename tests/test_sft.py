@@ -285,6 +285,7 @@ def test_run_writes_checkpoints_metrics_and_a_loadable_hf_model(reference_run, t
     with checkpoints.Checkpointer(os.path.join(workdir, "sft")) as ckpt:
         assert ckpt.all_steps() == [3, 6]
     assert json.load(open(os.path.join(workdir, "sft", "results.json")))["steps"] == 6
+    assert open(os.path.join(workdir, "sft", "loss.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     hf = os.path.join(workdir, "sft", "hf")
     model = from_pretrained(hf)
@@ -294,10 +295,13 @@ def test_run_writes_checkpoints_metrics_and_a_loadable_hf_model(reference_run, t
     assert load_tokenizer(hf).encode("<|emotion_begin|>sad") == tokenizer.encode("<|emotion_begin|>sad")
 
 
-def test_finished_run_is_not_repeated(reference_run):
+def test_finished_run_is_not_repeated(reference_run, capsys):
     workdir, result = reference_run
     again = sft.run(_config(workdir))
     assert again == json.loads(json.dumps(result))
+    out = capsys.readouterr().out  # the results, then where the files are
+    for name in ("hf", "metrics.jsonl", "tensorboard", "loss.png"):
+        assert os.path.join(str(workdir), "sft", name) in out, out
     assert len(read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl"))) == 6  # no new training steps
 
 
