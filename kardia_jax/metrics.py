@@ -244,6 +244,7 @@ class Panel:
     keys: tuple[str, ...]
     ylabel: str = ""
     labels: tuple[str, ...] | None = None  # the legend's names of `keys` (default: the keys), shown when 2+
+    smooth: bool = True  # False for exact, noiseless curves (a learning rate), which smoothing only delays
 
 
 def plot_curves(
@@ -283,7 +284,7 @@ def plot_curves(
         for key, label in zip(panel.keys, panel.labels or panel.keys):
             points = np.array([(row["step"], row[key]) for row in rows if key in row], dtype=np.float64)  # [n, 2]
             steps, values = points[:, 0], points[:, 1]
-            if smoothing > 0:
+            if smoothing > 0 and panel.smooth:
                 (raw,) = axes.plot(steps, values, alpha=0.25, linewidth=1)
                 axes.plot(steps, smooth(values, smoothing), color=raw.get_color(), linewidth=1.6, label=label)
             else:

@@ -51,7 +51,7 @@ LOGITS_CHUNK = 256  # positions per chunk of the vocabulary projection in the lo
 CONSOLE_FIGURES = {"loss": "loss", "tokens/s": "tokens_per_second"}
 CONSOLE_SUMMARY = {"loss": "loss", "grad_norm": "grad_norm", "lr": "learning_rate", "tokens/s": "tokens_per_second"}
 PLOT_PANELS = (metrics.Panel("SFT loss", ("loss",), "mean token NLL"),
-               metrics.Panel("learning rate", ("learning_rate",), "learning rate"))
+               metrics.Panel("learning rate", ("learning_rate",), "learning rate", smooth=False))
 
 
 # -- the loss ------------------------------------------------------------------------------------

@@ -147,6 +147,7 @@ def test_sft_plot_has_loss_and_learning_rate(tmp_path):
     assert list(panels) == ["SFT loss", "learning rate"]
     np.testing.assert_allclose(panels["SFT loss"].get_lines()[0].get_ydata(), [5.0 / s for s in range(1, 6)],
                                rtol=1e-12, atol=0)
+    assert len(panels["SFT loss"].get_lines()) == 2 and len(panels["learning rate"].get_lines()) == 1  # exact: unsmoothed
 
 
 # -- the console ---------------------------------------------------------------------------------
