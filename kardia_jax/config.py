@@ -152,6 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.save_every = 20  # checkpoint every N steps (and at the end, and on SIGTERM)
     c.grpo.max_to_keep = 3
     c.grpo.print_samples_every = 10  # log two decoded completions every N steps (0: never)
+    # A summary line on the console every N steps (and at the last); metrics.jsonl and TensorBoard get
+    # every step regardless.
+    c.grpo.log_every = 10
     c.grpo.max_steps = 0  # 0: num_epochs over the subset
     c.grpo.eval_max_samples = 0  # test-split prompts of the before/after reward table; 0: all
     # Non-finite updates in a row (each skipped, params and optimizer state unchanged) that stop the run
@@ -355,7 +358,7 @@ def _grpo_problems(config, batch_devices: int | None) -> list[str]:
     problems += _one_of("grpo.scale_rewards", g.scale_rewards, REWARD_SCALINGS)
     problems += _path_problems("grpo.init_from", g.init_from, remote_prefixes=("gs://",), hub=True)
     sizes = _positive(config, "grpo.prompts_per_step", "grpo.num_samples", "grpo.num_minibatches",
-                      "grpo.num_iterations", "grpo.max_new_tokens", "grpo.logits_chunk_size")
+                      "grpo.num_iterations", "grpo.max_new_tokens", "grpo.logits_chunk_size", "grpo.log_every")
     problems += sizes
     if not sizes:
         if batch_devices and g.prompts_per_step % batch_devices:

@@ -4,7 +4,9 @@ reward components of greedy completions on the test split before and after GRPO.
     python -m kardia_jax.demo                                   # configs/tiny_cpu.py, shipped sample
     python -m kardia_jax.demo --config=configs/tiny_cpu.py --config.workdir=/tmp/demo
 
-Both stages checkpoint under the workdir; rerunning resumes (a finished SFT is not repeated).
+Both stages checkpoint under the workdir; rerunning resumes (a finished SFT is not repeated). Each prints
+a progress bar, a summary line every `sft.log_every` / `grpo.log_every` steps and, at its end, where its
+checkpoints, export, metrics and plots are; `-v 1` (absl's --verbosity) shows the libraries' logs too.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from absl import app
 from ml_collections import config_flags
 
-from kardia_jax import sft, train
+from kardia_jax import console, sft, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py", "Config file (get_config()).")
 
@@ -20,6 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py", "Conf
 def main(argv):
     del argv
     config = _CONFIG.value
+    console.setup(config.distributed)
     sft_result = sft.run(config)
     result = train.run(config)
     print()

@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from kardia_jax import checkpoints, sharding, storage, training
+from kardia_jax import checkpoints, console, sharding, storage, training
 from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
@@ -240,7 +240,7 @@ def main(argv):
     config = args.config
     if not args.checkpoint:
         raise app.UsageError("--checkpoint is required (e.g. runs/tiny_cpu/sft/hf).")
-    sharding.initialize_distributed(config.distributed)
+    console.setup(config.distributed)
     config_lib.validate(config, "eval")
     mesh = sharding.mesh_from_config(config.mesh)
     with jax.set_mesh(mesh):

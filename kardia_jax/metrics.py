@@ -5,7 +5,8 @@
     <workdir>/metrics.jsonl     one line per call: {"step": 12, "loss": 0.53, ...}; appended, so a
                                 resumed run continues the same file (plots keep the last row per step)
     <workdir>/tensorboard/      TensorBoard event files (tensorboardX)
-    the console                 a tqdm bar (after `progress(total_steps)`) or one concise line per call
+    the console                 after `progress(...)`: one tqdm bar with a few chosen figures and its
+                                ETA, and a summary line every `log_every` steps; nothing without it
 
 Values are scalars: Python numbers, NumPy scalars or 0-d/one-element jax.Arrays. They are fetched from
 the device with one `jax.device_get` per call. Non-finite values are written as JSON `null` (strict JSON)
@@ -21,7 +22,8 @@ which the resumed run, restarting from its last checkpoint, logs again. (tensorb
 itself, but re-uploads the whole file from a garbage-collected writer too, and retries for 120 s when
 the endpoint is gone, e.g. at interpreter exit; and it would be a second way to write GCS.)
 
-`plot_curves` reads and writes through `kardia_jax.storage`, so both paths may be local or gs://.
+`plot_curves` draws panels of metrics (raw values faint, TensorBoard's smoothing on top) into one PNG; it
+reads and writes through `kardia_jax.storage`, so both paths may be local or gs://.
 
 `Timer` measures the wall-time split of a step (sampling / judging / update).
 """
@@ -29,6 +31,7 @@ the endpoint is gone, e.g. at interpreter exit; and it would be a second way to 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -71,7 +74,24 @@ def _scalars_to_floats(step: int, scalars: Mapping[str, Any]) -> dict[str, float
 
 
 def _format_value(value: float) -> str:
-    return f"{value:.4g}"
+    return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+
+
+def _figures(values: Mapping[str, float], figures: Mapping[str, str], separator: str) -> str:
+    """"label value" for each (label, metric key) of `figures` that `values` has, in that order."""
+    return separator.join(f"{label} {_format_value(values[key])}" for label, key in figures.items() if key in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Console:
+    """What `MetricsLogger.progress` shows: the bar's postfix holds `figures`, and every `log_every`
+    steps (and at the last) a line holds `summary` (default: `figures`). Both map a short label to a
+    metric key; keys a step did not log are left out."""
+
+    job: str  # the bar's description and each summary line's first word, e.g. "sft"
+    figures: Mapping[str, str]
+    summary: Mapping[str, str] | None = None
+    log_every: int = 1
 
 
 class MetricsLogger:
@@ -90,6 +110,7 @@ class MetricsLogger:
         self._last_upload = time.monotonic()
         self._tensorboard: tensorboardX.SummaryWriter | None = None
         self._bar: tqdm.tqdm | None = None
+        self._console: Console | None = None
         # Where the files are written: the workdir itself, or a local mirror of a gs:// workdir.
         self._local_dir = workdir
         if not self.enabled:
@@ -102,13 +123,22 @@ class MetricsLogger:
         else:
             os.makedirs(workdir, exist_ok=True)
 
-    def progress(self, total_steps: int, initial_step: int = 0) -> None:
-        """Shows a progress bar over `total_steps`; `log` then advances it and shows the latest values."""
+    def progress(self, total_steps: int, console: Console, initial_step: int = 0) -> None:
+        """Shows a progress bar over `total_steps` (elapsed and ETA, no rate: `console.figures` say it);
+        `advance` and `log` move it, `log` shows `console`'s figures and summary lines."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.close()
-        self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+        self._console = console
+        self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc=console.job, unit="step",
+                              dynamic_ncols=True,
+                              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+
+    def advance(self, step: int) -> None:
+        """Moves the bar to `step` (done steps), e.g. on a step that logs nothing."""
+        if self._bar is not None:
+            self._bar.update(max(0, step - self._bar.n))
 
     def log(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Records `scalars` (name -> numeric scalar) for `step`. A no-op on processes other than 0."""
@@ -131,12 +161,13 @@ class MetricsLogger:
         for key, value in values.items():
             self._tensorboard.add_scalar(key, value, global_step=step)
 
-        line = " | ".join(f"{key} {_format_value(value)}" for key, value in values.items())
-        if self._bar is None:
-            tqdm.tqdm.write(f"step {step} | {line}")
-        else:
-            self._bar.set_postfix_str(line, refresh=False)
-            self._bar.update(max(0, step - self._bar.n))
+        if self._bar is not None:
+            console = self._console
+            self._bar.set_postfix_str(_figures(values, console.figures, ", "), refresh=False)
+            self.advance(step)
+            if step % console.log_every == 0 or step == self._bar.total:
+                summary = _figures(values, console.summary or console.figures, " | ")
+                tqdm.tqdm.write(f"{console.job} step {step}/{self._bar.total} | {summary}")
         if time.monotonic() - self._last_upload >= self._upload_interval_s:
             self.flush()
 
@@ -192,59 +223,84 @@ def _last_row_per_step(rows: Sequence[dict[str, float]]) -> list[dict[str, float
     return [by_step[step] for step in sorted(by_step)]
 
 
-def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over up to `window` finite values; the first points average what exists so far."""
-    finite = np.isfinite(values)
-    sums = np.cumsum(np.where(finite, values, 0.0))
-    counts = np.cumsum(finite)
-    sums[window:] = sums[window:] - sums[:-window]
-    counts[window:] = counts[window:] - counts[:-window]
-    with np.errstate(invalid="ignore"):
-        return sums / counts
+def smooth(values: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard's smoothing: an exponential moving average with debiasing, so the first points are
+    not pulled towards 0. Point i is sum_j w^(i-j) v_j / sum_j w^(i-j) over the finite v_j up to i;
+    non-finite points stay NaN and do not enter the average. weight 0: the values themselves."""
+    smoothed = np.full(len(values), np.nan)
+    mean, count = 0.0, 0
+    for i, value in enumerate(values):
+        if np.isfinite(value):
+            mean, count = weight * mean + (1.0 - weight) * value, count + 1
+            smoothed[i] = mean / (1.0 - weight**count)
+    return smoothed
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One axes of a `plot_curves` figure: `keys` (metric names) against step, one line each."""
+
+    title: str
+    keys: tuple[str, ...]
+    ylabel: str = ""
+    labels: tuple[str, ...] | None = None  # the legend's names of `keys` (default: the keys), shown when 2+
+    smooth: bool = True  # False for exact, noiseless curves (a learning rate), which smoothing only delays
 
 
 def plot_curves(
     jsonl_path: str | os.PathLike,
-    keys: Sequence[str],
+    panels: Sequence[Panel | str],
     png_path: str | os.PathLike,
     *,
     title: str | None = None,
-    smoothing_window: int = 1,
-) -> None:
-    """Plots `keys` against step from a metrics.jsonl file into one PNG (e.g. the GRPO reward curves).
+    smoothing: float = 0.8,
+    columns: int = 4,
+) -> Figure | None:
+    """Draws `panels` (a `Panel`, or a metric name for a panel of its own) from a metrics.jsonl file into
+    one PNG, `columns` panels a row, and returns the matplotlib Figure (None on processes other than 0).
 
-    Both paths may be local or gs://; only process 0 writes (every process may call it). With
-    `smoothing_window > 1` the raw values are drawn faintly and their trailing mean on top.
+    Both paths may be local or gs://; only process 0 reads and writes (every process may call it). Each
+    line is drawn faintly as logged and, with `smoothing` > 0, in full as `smooth(values, smoothing)`
+    (0.8: a window of ~5 points, heavier than TensorBoard's default 0.6, for the few noisy points of a
+    short run). A resumed run's repeated steps count once (the last row).
     """
     if jax.process_index() != 0:
-        return
+        return None
+    panels = [Panel(p, (p,)) if isinstance(p, str) else p for p in panels]
     rows = _last_row_per_step(read_jsonl(jsonl_path))
     available = sorted({key for row in rows for key in row} - {"step"})
-    missing = [key for key in keys if key not in available]
+    missing = [key for panel in panels for key in panel.keys if key not in available]
     if missing:
         raise KeyError(f"{jsonl_path} has no metric(s) {missing}; available: {available}.")
 
-    figure = Figure(figsize=(8, 4.5), dpi=120)
+    columns = min(columns, len(panels))
+    grid_rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.2 * grid_rows + (0.4 if title else 0)), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for key in keys:
-        points = [(row["step"], row[key]) for row in rows if key in row]
-        steps = np.array([p[0] for p in points], dtype=np.float64)
-        values = np.array([p[1] for p in points], dtype=np.float64)
-        if smoothing_window > 1:
-            (raw,) = axes.plot(steps, values, alpha=0.25, linewidth=1)
-            axes.plot(steps, _moving_average(values, smoothing_window), color=raw.get_color(), label=key)
-        else:
-            axes.plot(steps, values, label=key)
-    axes.set_xlabel("step")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    grid = figure.subplots(grid_rows, columns, squeeze=False)
+    for axes in grid.flat[len(panels):]:
+        axes.remove()
+    for axes, panel in zip(grid.flat, panels):
+        for key, label in zip(panel.keys, panel.labels or panel.keys):
+            points = np.array([(row["step"], row[key]) for row in rows if key in row], dtype=np.float64)  # [n, 2]
+            steps, values = points[:, 0], points[:, 1]
+            if smoothing > 0 and panel.smooth:
+                (raw,) = axes.plot(steps, values, alpha=0.25, linewidth=1)
+                axes.plot(steps, smooth(values, smoothing), color=raw.get_color(), linewidth=1.6, label=label)
+            else:
+                axes.plot(steps, values, linewidth=1.4, label=label)
+        axes.set_title(panel.title, fontsize=11)
+        axes.set_xlabel("step")
+        axes.set_ylabel(panel.ylabel)
+        axes.grid(alpha=0.3)
+        if len(panel.keys) > 1:  # under the axes, where it hides no line
+            axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, frameon=False)
     if title:
-        axes.set_title(title)
-    figure.tight_layout()
+        figure.suptitle(title + (f" (smoothed: EMA {smoothing:g}, raw faint)" if smoothing > 0 else ""), fontsize=13)
     png = io.BytesIO()
     figure.savefig(png, format="png")
     storage.write_bytes(png_path, png.getvalue())
+    return figure
 
 
 class Timer:

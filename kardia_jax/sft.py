@@ -15,7 +15,10 @@ Everything lives under `<workdir>/sft/`:
     <step>/           Orbax checkpoints (params, optimizer, data-iterator position, RNG, step, config)
                       every `sft.save_every` steps, at the end, and on SIGTERM
     run_config.json   the config of the run
-    metrics.jsonl     loss, grad norm, learning rate, tokens/s, non-finite counts (also TensorBoard)
+    metrics.jsonl     loss, grad norm, learning rate, tokens/s, non-finite counts every `sft.log_every`
+                      steps (also TensorBoard; the console: a bar with loss, tokens/s and ETA, and a
+                      summary line at each of those steps)
+    loss.png          the loss and learning-rate curves
     eval_before.json  greedy test-split metrics of the initial parameters (step 0)
     hf/               the final model in Hugging Face format, with the tokenizer files
     results.json      before/after metrics of the finished run
@@ -37,13 +40,18 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from kardia_jax import checkpoints, evaluate, metrics, sharding, training
+from kardia_jax import checkpoints, console, evaluate, metrics, sharding, training
 from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, load_samples, sft_pipeline
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.models import fused_token_loss
 
 LOGITS_CHUNK = 256  # positions per chunk of the vocabulary projection in the loss
+# What the console shows (label -> metric key): the bar, and the summary line of each logged step.
+CONSOLE_FIGURES = {"loss": "loss", "tokens/s": "tokens_per_second"}
+CONSOLE_SUMMARY = {"loss": "loss", "grad_norm": "grad_norm", "lr": "learning_rate", "tokens/s": "tokens_per_second"}
+PLOT_PANELS = (metrics.Panel("SFT loss", ("loss",), "mean token NLL"),
+               metrics.Panel("learning rate", ("learning_rate",), "learning rate", smooth=False))
 
 
 # -- the loss ------------------------------------------------------------------------------------
@@ -207,7 +215,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         if start >= total_steps and stored is not None:
             logging.info("SFT already finished (%s, step %d): returning its results.", workdir, start)
             ckpt.close()
-            _print_results(stored)
+            _print_results(stored, workdir)
             return stored
 
         before_path = os.path.join(workdir, "eval_before.json")
@@ -225,7 +233,8 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         final_loss = None
         nonfinite_limit = training.nonfinite_limit(sft, "sft")
         with metrics.MetricsLogger(workdir) as logger, checkpoints.PreemptionGuard() as preemption:
-            logger.progress(total_steps, initial_step=start)
+            logger.progress(total_steps, metrics.Console("sft", CONSOLE_FIGURES, CONSOLE_SUMMARY, sft.log_every),
+                            initial_step=start)
             clock, tokens_seen = time.perf_counter(), 0
             for step in range(start, total_steps):
                 host_batch = next(iterator)
@@ -246,6 +255,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
                         "tokens_per_second": tokens_seen / elapsed, "target_tokens": stats["target_tokens"],
                     } | progress.metrics())
                     clock, tokens_seen = time.perf_counter(), 0
+                logger.advance(done)
                 error = training.nonfinite_error(progress, section="sft", limit=nonfinite_limit, step=done,
                                                  stats=stats, checkpoint_dir=ckpt.directory)
                 if error is not None:
@@ -264,15 +274,24 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
 
         after = _evaluate(graphdef, params, tokenizer, test_samples, config, mesh)
         training.export_hf(graphdef, params, tokenizer, os.path.join(workdir, "hf"))
+    metrics.plot_curves(os.path.join(workdir, metrics.METRICS_FILENAME), PLOT_PANELS, os.path.join(workdir, "loss.png"),
+                        title="SFT")
     results = _summary(before, after, total_steps) | {"final_loss": final_loss, "start_step": start}
     training.write_json(results_path, results)
-    _print_results(results)
+    _print_results(results, workdir)
     return results
 
 
-def _print_results(results: dict[str, Any]) -> None:
+def _print_results(results: dict[str, Any], workdir: str) -> None:
+    """The before/after table, then where the run's files are (`workdir`: `<config.workdir>/sft`)."""
     if jax.process_index() == 0:
         print("\n".join(evaluate.format_comparison(results.get("before"), results["after"])), flush=True)
+    console.print_outputs("SFT", {
+        "checkpoints": workdir, "model (HF)": os.path.join(workdir, "hf"),
+        "metrics": os.path.join(workdir, metrics.METRICS_FILENAME),
+        "TensorBoard": os.path.join(workdir, metrics.TENSORBOARD_DIRNAME), "plots": os.path.join(workdir, "loss.png"),
+        "results": os.path.join(workdir, "results.json"),
+    })
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -281,7 +300,7 @@ def _print_results(results: dict[str, Any]) -> None:
 def main(argv):
     del argv
     config = flags.FLAGS.config
-    sharding.initialize_distributed(config.distributed)
+    console.setup(config.distributed)
     run(config)
 
 

@@ -24,7 +24,10 @@ time split sample / reference / judge / update is measured, not guessed.
 
 Start: the SFT model at `<workdir>/sft/hf` if it exists (or `grpo.init_from`), else `model.*`.
 Checkpoints (params, optimizer, data iterator, RNG, step) go to `<workdir>/grpo`; a rerun resumes. The
-final policy is exported in Hugging Face format (with its tokenizer) to `<workdir>/grpo/hf`.
+final policy is exported in Hugging Face format (with its tokenizer) to `<workdir>/grpo/hf`. Every
+step's metrics go to `<workdir>/grpo/metrics.jsonl` and TensorBoard; the console shows a progress bar
+(total reward, KL, s/step, ETA) and a summary line every `grpo.log_every` steps; at the end the reward,
+loss and KL curves are drawn into `<workdir>/grpo/rewards.png` and the job prints where its files are.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from kardia_jax import checkpoints, metrics, rewards, sharding, storage, training
+from kardia_jax import checkpoints, console, metrics, rewards, sharding, storage, training
 from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
@@ -231,7 +234,7 @@ class Steps:
         grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
         updates, opt_state = self.optimizer.update(grads, opt_state, params, loss=stats["loss"])
         params = training.apply_updates(params, updates, opt_state)  # unchanged if the update was not finite
-        stats["grad_norm"] = optax.global_norm(grads)
+        stats["grad_norm"] = optax.tree.norm(grads)
         return params, opt_state, stats
 
 
@@ -342,7 +345,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         before = reward_table(steps, params, judge_params, judge, eval_pipeline, mesh, g.max_new_tokens) if start == 0 else None
         timer = metrics.Timer()
         with metrics.MetricsLogger(workdir) as logger, checkpoints.PreemptionGuard() as preemption:
-            logger.progress(total_steps, initial_step=start)
+            logger.progress(total_steps, console_view(config), initial_step=start)
             for step in range(start, total_steps):
                 batch = next(iterator)
                 host_samples = [pipeline.samples[i] for i in batch["sample_index"]]
@@ -371,6 +374,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     jax.block_until_ready(params)
                 progress = training.optimizer_progress(opt_state)
                 times = timer.summary()
+                step_seconds = sum(times.values())
                 generated = jnp.sum(out.mask)
                 logger.log(
                     step + 1,
@@ -378,9 +382,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     | update_stats
                     | times
                     | {
+                        "time/step": step_seconds,
                         "completion/length": out.lengths.mean(),
                         "completion/truncated": out.truncated.mean(),
-                        "tokens_per_second": generated / sum(times.values()),
+                        "tokens_per_second": generated / step_seconds,
                         # The rate the step's last update used (its loss etc. are logged too).
                         "learning_rate": training.learning_rate_at(g.learning_rate, g.warmup_steps * mu, total_steps * mu,
                                                                    progress.latest_update),
@@ -406,13 +411,41 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         ckpt.close()
         after = reward_table(steps, params, judge_params, judge, eval_pipeline, mesh, g.max_new_tokens)
         training.export_hf(graphdef, params, tokenizer, os.path.join(workdir, "hf"))
-        metrics.plot_curves(
-            os.path.join(workdir, "metrics.jsonl"),
-            ["reward/total", *(f"reward/{name}" for name in rewards.active_components(g.reward_weights))],
-            os.path.join(workdir, "rewards.png"),
-            title="GRPO reward components",
-        )
+        plot = os.path.join(workdir, "rewards.png")
+        metrics.plot_curves(logger.jsonl_path, plot_panels(config), plot, title="GRPO")
+        console.print_outputs("GRPO", {
+            "checkpoints": workdir, "model (HF)": os.path.join(workdir, "hf"),
+            "metrics": logger.jsonl_path, "TensorBoard": os.path.join(workdir, metrics.TENSORBOARD_DIRNAME),
+            "plots": plot,
+        })
     return {"before": before, "after": after, "steps": total_steps}
+
+
+def console_view(config: ml_collections.ConfigDict) -> metrics.Console:
+    """What the console shows of a GRPO step: the bar's few figures, and a summary line every
+    `grpo.log_every` steps (every step still goes to metrics.jsonl and TensorBoard)."""
+    summary = {"reward": "reward/total"}
+    summary |= {name: f"reward/{name}" for name in rewards.active_components(config.grpo.reward_weights)}
+    summary |= {"kl": "kl", "loss": "loss", "length": "completion/length", "s/step": "time/step"}
+    return metrics.Console("grpo", figures={"reward": "reward/total", "kl": "kl", "s/step": "time/step"},
+                           summary=summary, log_every=config.grpo.log_every)
+
+
+def plot_panels(config: ml_collections.ConfigDict) -> list[metrics.Panel]:
+    """The curves of a GRPO run: one panel per weighted reward component (and the total), the judge's
+    five criteria when the rubric is weighted, the loss, and the KL when beta > 0."""
+    g = config.grpo
+    active = rewards.active_components(g.reward_weights)
+    panels = [metrics.Panel("total reward", ("reward/total",), "reward")]
+    panels += [metrics.Panel(f"{name} reward", (f"reward/{name}",), "reward") for name in active]
+    if "rubric" in active:
+        criteria = rewards.RUBRIC_CRITERIA
+        panels.append(metrics.Panel("rubric criteria (judge)", tuple(f"reward/rubric/{c}" for c in criteria),
+                                    "expected score, in [0, 1]", tuple(c.replace("_", " ") for c in criteria)))
+    panels.append(metrics.Panel("GRPO loss", ("loss",), "loss"))
+    if g.beta > 0:
+        panels.append(metrics.Panel("KL to the reference", ("kl",), f"KL ({g.kl_estimator})"))
+    return panels
 
 
 def _print_samples(tokenizer, out: SampleOutput, samples, group_size: int, count: int = 2) -> None:
@@ -439,7 +472,7 @@ def format_table(before: dict[str, float] | None, after: dict[str, float]) -> st
 def main(argv):
     del argv
     config = flags.FLAGS.config
-    sharding.initialize_distributed(config.distributed)
+    console.setup(config.distributed)
     result = run(config)
     if result["after"] is not None:
         print(format_table(result["before"], result["after"]))

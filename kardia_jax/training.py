@@ -195,7 +195,12 @@ def export_hf(graphdef, params, tokenizer, directory: str) -> None:
 def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0 to `learning_rate` over `warmup_steps` updates, then cosine decay to 0 at
     `total_steps` updates. Evaluated at the number of updates applied before the current one (the count
-    in the optimizer state), so a trainer making several updates per step passes its counts in updates."""
+    in the optimizer state), so a trainer making several updates per step passes its counts in updates.
+
+    Without warm-up it is the cosine part alone: optax's warm-up schedule would build a 0-step linear
+    part, the same values but a "non-positive transition_steps" log line each time it is built."""
+    if warmup_steps <= 0:
+        return optax.cosine_decay_schedule(init_value=learning_rate, decay_steps=max(total_steps, 1), alpha=0.0)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0,

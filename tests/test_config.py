@@ -114,6 +114,7 @@ BAD_CASES = [
     (_set(sft__eval_max_new_tokens=256), "eval", r"sft\.eval_max_new_tokens=256 leaves no prompt budget in data\.max_length=256"),
     (_set(sft__log_every=0), "sft", r"sft\.log_every=0: must be a positive integer"),
     (_set(grpo__max_new_tokens=0), "grpo", r"grpo\.max_new_tokens=0: must be a positive integer"),
+    (_set(grpo__log_every=0), "grpo", r"grpo\.log_every=0: must be a positive integer"),
     # tiny-qwen2's max_position_embeddings is 32768.
     (_set(data__max_length=40_000), "sft", r"data\.max_length = 40000 positions, past the policy's max_position_embeddings=32768"),
     (_set(data__max_length=32_700, grpo__max_new_tokens=100), "grpo",

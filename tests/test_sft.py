@@ -3,12 +3,14 @@ the shared trainer pieces (optimizer, batches, policy loading), and whole runs: 
 resumed, outputs written and loadable."""
 
 import json
+import logging
 import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -210,6 +212,17 @@ def test_schedule_and_weight_decay():
     assert moved == {"embed": True, "final_norm": False, "layers": {"q": True, "q_bias": False, "attn_norm": False}}
 
 
+def test_schedule_without_warmup_is_the_cosine_and_logs_nothing(caplog):
+    # optax's warm-up schedule with 0 warm-up steps logs "non-positive transition_steps" each time it is
+    # built (train.py builds one per logged step); the schedule without warm-up has the same values.
+    with caplog.at_level(logging.INFO):
+        lrs = [training.learning_rate_at(1.0, 0, 10, s) for s in range(11)]
+    assert not [r for r in caplog.records if "transition_steps" in r.getMessage()]
+    reference = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=0, decay_steps=10)
+    np.testing.assert_allclose(lrs, [float(reference(s)) for s in range(11)], rtol=1e-6, atol=1e-7)
+    assert lrs[0] == 1.0 and lrs[10] == 0.0
+
+
 def test_shard_batch(tiny):
     _, mesh, _ = tiny
     batch = training.shard_batch({"tokens": np.zeros((8, 5), np.int32), "ids": np.arange(8)}, mesh)
@@ -272,6 +285,7 @@ def test_run_writes_checkpoints_metrics_and_a_loadable_hf_model(reference_run, t
     with checkpoints.Checkpointer(os.path.join(workdir, "sft")) as ckpt:
         assert ckpt.all_steps() == [3, 6]
     assert json.load(open(os.path.join(workdir, "sft", "results.json")))["steps"] == 6
+    assert open(os.path.join(workdir, "sft", "loss.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     hf = os.path.join(workdir, "sft", "hf")
     model = from_pretrained(hf)
@@ -281,10 +295,13 @@ def test_run_writes_checkpoints_metrics_and_a_loadable_hf_model(reference_run, t
     assert load_tokenizer(hf).encode("<|emotion_begin|>sad") == tokenizer.encode("<|emotion_begin|>sad")
 
 
-def test_finished_run_is_not_repeated(reference_run):
+def test_finished_run_is_not_repeated(reference_run, capsys):
     workdir, result = reference_run
     again = sft.run(_config(workdir))
     assert again == json.loads(json.dumps(result))
+    out = capsys.readouterr().out  # the results, then where the files are
+    for name in ("hf", "metrics.jsonl", "tensorboard", "loss.png"):
+        assert os.path.join(str(workdir), "sft", name) in out, out
     assert len(read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl"))) == 6  # no new training steps
 
 

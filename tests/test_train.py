@@ -164,9 +164,13 @@ def assert_same_sharding(a, b, ndim):
     assert a.is_equivalent_to(b, ndim), (a, b)
 
 
-def test_short_run_logs_and_checkpoints(tmp_path):
+def test_short_run_logs_and_checkpoints(tmp_path, capsys):
     config = tiny_config(tmp_path, max_steps=2)
     first = train.run(config)
+    out = capsys.readouterr().out
+    assert "grpo step 2/2 | reward " in out  # the summary line of the last step (grpo.log_every=10)
+    for name in ("hf", "metrics.jsonl", "tensorboard", "rewards.png"):
+        assert os.path.join(str(tmp_path), "grpo", name) in out, out
     assert first["steps"] == 2 and first["before"] is not None
     assert set(first["after"]) >= {"reward/total", "reward/format", "reward/emotion", "reward/rubric/empathy"}
     workdir = os.path.join(tmp_path, "grpo")
@@ -176,7 +180,7 @@ def test_short_run_logs_and_checkpoints(tmp_path):
         "reward/total", "reward/format", "reward/emotion", "reward/rubric", "reward/std",
         "reward/zero_std_groups", "kl", "clip_ratio/low", "clip_ratio/high", "entropy", "loss", "grad_norm",
         "completion/length", "completion/truncated", "tokens_per_second", "learning_rate",
-        "time/sample", "time/reference", "time/judge", "time/update",
+        "time/sample", "time/reference", "time/judge", "time/update", "time/step",
     } | {f"reward/rubric/{c}" for c in ("relevance", "empathy", "persona_consistency", "safety", "fluency")}
     assert expected <= set(rows[0])
     assert os.path.exists(os.path.join(workdir, "rewards.png"))
