@@ -13,7 +13,7 @@ from absl import logging as absl_logging
 
 from kardia_jax import checkpoints, console, metrics, sft, train
 from kardia_jax.config import base_config
-from kardia_jax.metrics import Console, MetricsLogger, Panel, Timer, plot_curves, read_jsonl
+from kardia_jax.metrics import Console, MetricsLogger, Timer, plot_curves, read_jsonl
 
 
 def test_jsonl_continues_across_a_resume(tmp_path):
