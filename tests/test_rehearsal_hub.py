@@ -158,8 +158,8 @@ def test_an_id_not_seeded_fails_with_huggingface_hubs_error():
         huggingface_hub.snapshot_download("Qwen/Qwen2.5-0.5B-Instruct")
     with pytest.raises(LocalEntryNotFoundError):
         huggingface_hub.snapshot_download("Jhcircle/KadiaBench", repo_type="dataset")
-    with pytest.raises(LocalEntryNotFoundError):
-        from_pretrained("Qwen/Qwen2.5-0.5B-Instruct")  # kardia_jax's hub-id path
+    with pytest.raises(FileNotFoundError, match=r"Qwen/Qwen2\.5-0\.5B-Instruct .*HF_HUB_OFFLINE=1"):
+        from_pretrained("Qwen/Qwen2.5-0.5B-Instruct")  # kardia_jax's hub-id path: its error names the id
     with pytest.raises(OSError, match="couldn't find them in the cached files"):  # it does not name the id
         transformers.AutoConfig.from_pretrained("Qwen/Qwen2.5-0.5B-Instruct")
 
