@@ -209,6 +209,11 @@ def paper_tpu_config(*, policy: str, topology: str, workdir: str, judge: str = "
     # GRPO: hard subset, lr 1e-6, 32 prompts x G = 8, 2 epochs (paper); beta 0.04 (k3), eps 0.2 (ours).
     c.grpo.max_new_tokens = 512
     c.grpo.num_minibatches = 4
+    # bf16 sampling: the sampler's logprobs drift from the trainer's (python -m
+    # kardia_jax.benchmarks.logprob_drift, bench-tiny, 1024 tokens: |delta| mean 1.4e-3, max 7.1e-3, ratio
+    # std 1.7e-3 in [0.9946, 1.0071]; float32: max 1.9e-6). Small at 4 layers but it grows with depth and
+    # length and biases the clipped ratio, so the old logprobs are recomputed (one more forward per step).
+    c.grpo.recompute_old_logprobs = c.model.dtype == "bfloat16"
     c.grpo.save_every = 50
     c.judge.hf_path = judge
     c.judge.param_dtype = "bfloat16"
