@@ -35,7 +35,7 @@ import ml_collections
 
 from kardia_jax import sharding
 from kardia_jax.data.pipeline import OVERLONG, SUBSETS
-from kardia_jax.data.prompts import DIFFICULTY_RULES
+from kardia_jax.data.prompts import DIFFICULTY_RULES, HISTORY_MODES
 from kardia_jax.data.sources import ON_BAD_ROW
 from kardia_jax.grpo import KL_ESTIMATORS, LOSS_AGGREGATIONS, REWARD_SCALINGS
 from kardia_jax.models.config import DTYPES, PRESETS, REMAT_POLICIES, ModelConfig
@@ -88,6 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.test_split = "test"  # evaluation (SFT before/after, GRPO reward tables, kardia_jax.evaluate)
     c.data.on_bad_row = "raise"  # or "skip" (skipped rows are counted and reported)
     c.data.difficulty_rule = "emotion_word"  # used when rows carry no `difficulty` field; or "turn_index"
+    # Earlier assistant turns in a prompt: "response" (their response span only), "no_emotion" (without
+    # the emotion span) or "full" (all four spans). A dialogue has one label, so "full" shows it to every
+    # later turn (35 of the shipped sample's 71 hard train turns), and so does "no_emotion" through the
+    # reasoning span; `python -m kardia_jax.data.prompts` counts it (kardia_jax/data/prompts.py).
+    c.data.history = "response"
     c.data.max_length = 1024  # SFT: whole sequence; GRPO: prompt
     c.data.overlong = "truncate"  # a prompt over budget loses its oldest exchanges; "drop": left out
     c.data.worker_count = 0  # Grain worker processes (0: in the main process)
@@ -207,6 +212,11 @@ def paper_tpu_config(*, policy: str, topology: str, workdir: str, judge: str = "
     # GRPO: hard subset, lr 1e-6, 32 prompts x G = 8, 2 epochs (paper); beta 0.04 (k3), eps 0.2 (ours).
     c.grpo.max_new_tokens = 512
     c.grpo.num_minibatches = 4
+    # bf16 sampling: the sampler's logprobs drift from the trainer's (python -m
+    # kardia_jax.benchmarks.logprob_drift, bench-tiny, 1024 tokens: |delta| mean 1.4e-3, max 7.1e-3, ratio
+    # std 1.7e-3 in [0.9946, 1.0071]; float32: max 1.9e-6). Small at 4 layers but it grows with depth and
+    # length and biases the clipped ratio, so the old logprobs are recomputed (one more forward per step).
+    c.grpo.recompute_old_logprobs = c.model.dtype == "bfloat16"
     c.grpo.save_every = 50
     c.judge.hf_path = judge
     c.judge.param_dtype = "bfloat16"
@@ -320,6 +330,7 @@ def _common_problems(config) -> list[str]:
     problems += _one_of("model.remat", model.remat, REMAT_POLICIES)
     problems += _one_of("data.on_bad_row", data.on_bad_row, ON_BAD_ROW)
     problems += _one_of("data.difficulty_rule", data.difficulty_rule, DIFFICULTY_RULES)
+    problems += _one_of("data.history", data.history, HISTORY_MODES)
     problems += _one_of("data.overlong", data.overlong, OVERLONG)
     return problems + _positive(config, "data.max_length")
 

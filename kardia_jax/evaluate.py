@@ -188,7 +188,7 @@ def eval_samples(config: ml_collections.ConfigDict, split: str | None = None, ma
     (config.sft.eval_max_samples; 0: all)."""
     data = config.data
     samples, _ = load_samples(training.data_source(data), split or data.test_split, data.on_bad_row,
-                              DifficultyRule(kind=data.difficulty_rule))
+                              DifficultyRule(kind=data.difficulty_rule), data.history)
     limit = config.sft.eval_max_samples if max_samples is None else max_samples
     return samples[:limit] if limit else samples
 

@@ -186,7 +186,8 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         del model, state
 
         rule = DifficultyRule(kind=data.difficulty_rule)
-        samples, _ = load_samples(training.data_source(data), data.train_split, data.on_bad_row, rule)
+        samples, _ = load_samples(training.data_source(data), data.train_split, data.on_bad_row, rule,
+                                  data.history)
         pipeline = sft_pipeline(samples, tokenizer, BatchConfig(
             global_batch_size=sft.global_batch_size, max_length=data.max_length, overlong=data.overlong,
             seed=config.seed, num_epochs=sft.num_epochs, worker_count=data.worker_count), subset=sft.subset)

@@ -306,8 +306,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
         data = config.data
         rule = DifficultyRule(kind=data.difficulty_rule)
-        samples, _ = load_samples(training.data_source(data), data.train_split, data.on_bad_row, rule)
-        test_samples, _ = load_samples(training.data_source(data), data.test_split, data.on_bad_row, rule)
+        samples, _ = load_samples(training.data_source(data), data.train_split, data.on_bad_row, rule,
+                                  data.history)
+        test_samples, _ = load_samples(training.data_source(data), data.test_split, data.on_bad_row, rule,
+                                       data.history)
         test_samples = test_samples[:g.eval_max_samples or None]
         batch_config = BatchConfig(
             global_batch_size=g.prompts_per_step,

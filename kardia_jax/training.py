@@ -171,6 +171,17 @@ def with_checkpoint(config: ml_collections.ConfigDict, hf_dir: str) -> ml_collec
     return config
 
 
+def generation_ids(tokenizer: Tokenizer) -> dict:
+    """bos/eos/pad token ids for an exported model's config.json and generation_config.json: eos is
+    every stop id (end of turn first), so that `transformers` `generate` stops where our sampler does."""
+    stops = list(tokenizer.stop_ids)
+    ids = {"eos_token_id": stops if len(stops) > 1 else stops[0], "pad_token_id": tokenizer.pad_id}
+    bos = tokenizer.hf.bos_token_id if isinstance(tokenizer, HFTokenizer) else tokenizer.sp.bos_id()
+    if bos is not None and bos >= 0:
+        ids["bos_token_id"] = bos
+    return ids
+
+
 def export_hf(graphdef, params, tokenizer, directory: str) -> None:
     """The model (HF safetensors + config.json) and tokenizer files in `directory` (local or gs://), so
     that a reader never sees a half-written model: they are staged (locally: in the sibling
@@ -181,7 +192,10 @@ def export_hf(graphdef, params, tokenizer, directory: str) -> None:
     stage = tempfile.mkdtemp(prefix="kardia_hf_") if remote else directory + ".tmp"
     if is_writer and not remote and os.path.exists(stage):
         shutil.rmtree(stage)
-    save_pretrained(nnx.merge(graphdef, params), stage)  # every process: it gathers; process 0 writes
+    ids = generation_ids(tokenizer)
+    # config.json names one eos (the end-of-turn token); generate stops at any of generation_config's.
+    save_pretrained(nnx.merge(graphdef, params), stage, hf_config_extra=ids | {"eos_token_id": tokenizer.eos_id},
+                    generation_config=ids)  # every process: it gathers; process 0 writes
     save_tokenizer(tokenizer, stage)
     if is_writer:
         storage.publish_dir(stage, directory)

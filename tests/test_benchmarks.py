@@ -74,3 +74,17 @@ def test_benchmarks_import_their_reference_framework_through_the_guard(monkeypat
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ModuleNotFoundError, match=r'\[bench\]'):
         call()
+
+
+def test_logprob_drift_is_zero_in_float32_and_measured_in_bfloat16():
+    from kardia_jax.benchmarks import logprob_drift  # pylint: disable=import-outside-toplevel
+
+    kwargs = dict(num_prompts=2, prompt_len=8, num_samples=2, new_tokens=8)
+    f32 = logprob_drift.drift("tiny-qwen2", "float32", **kwargs)
+    # float32 accumulation, two programs (decode step vs teacher-forced forward) over 32 tokens: logprobs
+    # of magnitude ~8 (vocab 4096) agree to ~1e-6.
+    np.testing.assert_allclose([f32["max_abs"], f32["ratio_max"], f32["ratio_min"]], [0.0, 1.0, 1.0],
+                               rtol=1e-5, atol=1e-5)
+    assert f32["tokens"] == 2 * 2 * 8
+    bf16 = logprob_drift.drift("tiny-qwen2", "bfloat16", **kwargs)
+    assert bf16["max_abs"] > 10 * f32["max_abs"]

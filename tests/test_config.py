@@ -101,6 +101,7 @@ BAD_CASES = [
     (_set(data__on_bad_row="ignore"), "sft", r"data\.on_bad_row='ignore': use one of \('raise', 'skip'\)"),
     (_set(data__overlong="cut"), "eval", r"data\.overlong='cut': use one of"),
     (_set(data__difficulty_rule="length"), "grpo", r"data\.difficulty_rule='length': use one of"),
+    (_set(data__history="reasoning"), "sft", r"data\.history='reasoning': use one of \('full', 'no_emotion', 'response'\)"),
     (_set(sft__subset="medium"), "sft", r"sft\.subset='medium': use one of \('easy', 'hard', 'all'\)"),
     (_set(grpo__kl_estimator="k4"), "grpo", r"grpo\.kl_estimator='k4': use one of \('k1', 'k2', 'k3'\)"),
     (_set(grpo__loss_aggregation="sum"), "grpo", r"grpo\.loss_aggregation='sum': use one of"),

@@ -65,11 +65,39 @@ def test_a_dialogue_with_k_assistant_turns_gives_k_samples_with_the_history_as_p
     samples = prompts.expand_dialogue(dialogue)
     assert [s.turn_index for s in samples] == [0, 1, 2]
     for k, sample in enumerate(samples):
-        assert sample.prompt == dialogue.messages[:2 + 2 * k]
+        assert len(sample.prompt) == 2 + 2 * k and sample.prompt[:2] == dialogue.messages[:2]
         assert sample.prompt[-1] == {"role": "user", "content": f"User message {k}."}
         assert parse_spans(sample.target)["understanding"] == f"Turn {k}."
         assert (sample.dialogue_id, sample.row, sample.emotion) == ("train-7", 7, "annoyed")
-    assert samples[2].prompt[2]["content"] == dialogue.messages[2]["content"]  # history keeps all four spans
+    assert samples[2].prompt[2]["content"] == "That is frustrating. Want to retrace your steps?"  # response span
+    full = prompts.expand_dialogue(dialogue, history="full")
+    assert full[2].prompt == dialogue.messages[:6] and full[2].target == samples[2].target
+
+
+def test_history_modes_keep_the_label_out_of_later_prompts():
+    """With one label per dialogue, "full" history hands it to every later turn; the default does not."""
+    dialogue = schema.parse_dialogue(_row(pairs=3), path="a.jsonl", row=1)
+    leaked = {h: [m["content"] for m in prompts.expand_dialogue(dialogue, history=h)[2].prompt
+                  if m["role"] == "assistant"] for h in prompts.HISTORY_MODES}
+    assert all("<|emotion_begin|>annoyed<|emotion_end|>" in c for c in leaked["full"])
+    assert all("<|emotion_begin|>" not in c and "<|reasoning_begin|>" in c for c in leaked["no_emotion"])
+    assert leaked["response"] == ["That is frustrating. Want to retrace your steps?"] * 2
+    with pytest.raises(ValueError, match="data.history"):
+        prompts.expand_dialogue(dialogue, history="none")
+    for history in prompts.HISTORY_MODES:  # the judge reads response spans whatever the mode
+        sample = prompts.expand_dialogue(dialogue, history=history)[1]
+        assert prompts.dialogue_context(sample) == ("User: User message 0.\nAssistant: " + leaked["response"][0]
+                                                   + "\nUser: User message 1.")
+
+
+def test_leak_report_on_the_shipped_sample(train_samples):
+    """The figures of kardia_jax/data/prompts.py's docstring (python -m kardia_jax.data.prompts)."""
+    train, _ = sources.load_dialogues(sources.sample_path(), "train")
+    full = prompts.leak_report(prompts.expand_dialogues(train, history="full"))
+    assert full == {"span": (35, 150), "word": (35, 150), "turns": (71, 198)}
+    no_emotion = prompts.leak_report(prompts.expand_dialogues(train, history="no_emotion"))
+    assert no_emotion == {"span": (0, 0), "word": (35, 150), "turns": (71, 198)}
+    assert prompts.leak_report(train_samples) == {"span": (0, 0), "word": (0, 0), "turns": (71, 198)}
 
 
 def _bad(mutate):
@@ -118,6 +146,26 @@ def test_difficulty_from_the_row_or_from_the_rule():
     assert [s.difficulty for s in prompts.expand_dialogue(dialogue, by_turn)] == ["easy", "hard"]
     marked = schema.parse_dialogue({**stated, "difficulty": "hard"}, path="a", row=1)
     assert {s.difficulty for s in prompts.expand_dialogue(marked)} == {"hard"}
+
+
+@pytest.mark.parametrize("label,text,easy", [
+    ("content", "I read the content of the email twice.", False),
+    ("content", "Honestly, I feel content.", True),
+    ("content", "I'm really content with how it went.", True),
+    ("prepared", "I'm prepared for the worst, to be honest.", False),
+    ("prepared", "I finally feel prepared.", True),
+    ("caring", "I am caring for my dad this week.", False),
+    ("caring", "Caring people surround me.", False),
+    ("trusting", "Trusting the bus timetable was a mistake.", False),
+    ("trusting", "If I had to name it, I would say trusting.", True),
+    ("faithful", "She stayed faithful to the old recipe.", False),
+    ("faithful", "The only word I have for it is faithful.", True),
+    ("annoyed", "Annoyed? Yes.", True),  # an unambiguous label counts as a whole word anywhere
+])
+def test_ambiguous_labels_count_only_in_a_feeling_construction(label, text, easy):
+    rule = prompts.DifficultyRule()
+    prompt = ({"role": "system", "content": "s"}, {"role": "user", "content": text})
+    assert rule.difficulty(prompt, label, 0) == ("easy" if easy else "hard")
 
 
 # Sources.

@@ -29,6 +29,7 @@ from helpers_hf import hf_logits, left_padded_batch, make_hf_model
 from kardia_jax import storage
 from kardia_jax.models import (
     PRESETS,
+    Decoder,
     chunked_logprobs,
     fused_token_loss,
     from_hf_config,
@@ -629,3 +630,35 @@ def test_prefill_prefix_fan_out_equals_full_forward(tmp_path):
         shared = fan_out_prefix(cache, fan, own_length)
         logits, _ = model(jnp.asarray(suffix), start + positions_from_mask(jnp.asarray(suffix_mask)), jnp.asarray(suffix_mask), shared)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(ref)[:, -t:], **VS_OTHER_ORDER)
+
+
+def test_exported_model_stops_at_the_end_of_turn_in_transformers_generate(tmp_path):
+    """export_hf writes generation_config.json and config.json ids: `generate` stops at <|im_end|>."""
+    from kardia_jax import training  # pylint: disable=import-outside-toplevel
+    from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path  # pylint: disable=import-outside-toplevel
+
+    tokenizer = load_tokenizer(tokenizer_path())
+    model = Decoder(PRESETS["tiny-kardia"], rngs=nnx.Rngs(0))
+    assert model.config.tie_embeddings
+    # Rigged: layers add nothing (o, down = 0), every embedding row is e and the end-of-turn row 2e, so
+    # the final hidden state is norm(e) at every position and the tied unembedding prefers eos.
+    model.layers.o[...] = jnp.zeros_like(model.layers.o[...])
+    model.layers.down[...] = jnp.zeros_like(model.layers.down[...])
+    e = jnp.linspace(0.5, 1.5, model.config.hidden_size)
+    model.embed[...] = jnp.tile(e, (model.config.vocab_size, 1)).at[tokenizer.eos_id].set(2 * e)
+    graphdef, params = nnx.split(model)
+    out = str(tmp_path / "hf")
+    training.export_hf(graphdef, params, tokenizer, out)
+    assert json.load(open(os.path.join(out, "config.json")))["eos_token_id"] == tokenizer.eos_id
+    prompt = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)])
+    hf_model = _load_torch(out)
+    config = transformers.GenerationConfig.from_pretrained(out)
+    assert config.eos_token_id in (tokenizer.eos_id, list(tokenizer.stop_ids))
+    stopped = hf_model.generate(prompt, generation_config=config, max_new_tokens=8, do_sample=False)
+    assert stopped[0, prompt.shape[1]:].tolist() == [tokenizer.eos_id]
+    # Without the ids it runs on past the end of turn to max_new_tokens (what the export prevents).
+    bare = transformers.GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    hf_model.generation_config = bare
+    hf_model.config.eos_token_id = None
+    runs_on = hf_model.generate(prompt, generation_config=bare)
+    assert runs_on[0, prompt.shape[1]:].tolist() == [tokenizer.eos_id] * 8

@@ -123,11 +123,12 @@ class Pipeline:
         return iter(self.dataset)
 
 
-def load_samples(source: str, split: str, on_bad_row: str = "raise",
-                 rule: DifficultyRule = DifficultyRule()) -> tuple[list[TurnSample], LoadStats]:
-    """The turn samples of a split (see `sources.load_dialogues` for `source` and `on_bad_row`)."""
+def load_samples(source: str, split: str, on_bad_row: str = "raise", rule: DifficultyRule = DifficultyRule(),
+                 history: str = "response") -> tuple[list[TurnSample], LoadStats]:
+    """The turn samples of a split (see `sources.load_dialogues` for `source` and `on_bad_row`, and
+    `prompts.HISTORY_MODES` for how `history` renders earlier assistant turns)."""
     dialogues, stats = load_dialogues(source, split, on_bad_row)
-    return expand_dialogues(dialogues, rule), stats
+    return expand_dialogues(dialogues, rule, history), stats
 
 
 def sft_pipeline(samples: Sequence[TurnSample], tokenizer: Tokenizer, config: BatchConfig, *,

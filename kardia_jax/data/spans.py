@@ -67,6 +67,6 @@ def parse_spans(text: str) -> dict[str, str] | None:
     return spans
 
 
-def join_spans(spans: dict[str, str]) -> str:
-    """The canonical marker text of four spans (inverse of `parse_spans`)."""
-    return "".join(f"{SPAN_MARKERS[n][0]}{spans[n]}{SPAN_MARKERS[n][1]}" for n in SPAN_NAMES)
+def join_spans(spans: dict[str, str], names: tuple[str, ...] = SPAN_NAMES) -> str:
+    """The canonical marker text of the spans `names` (all four: the inverse of `parse_spans`)."""
+    return "".join(f"{SPAN_MARKERS[n][0]}{spans[n]}{SPAN_MARKERS[n][1]}" for n in names)

@@ -263,8 +263,11 @@ def _hf_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
             yield name, np.ascontiguousarray(np.transpose(block, inverse(tmap.perm)).reshape(tmap.hf_shape))
 
 
-def save_pretrained(model: Decoder, path: str, *, max_shard_bytes: int = 4 << 30, hf_config_extra=None) -> None:
-    """Writes config.json + safetensors shards (+ index) in the HF layout.
+def save_pretrained(model: Decoder, path: str, *, max_shard_bytes: int = 4 << 30, hf_config_extra=None,
+                    generation_config: dict | None = None) -> None:
+    """Writes config.json + safetensors shards (+ index) in the HF layout, and generation_config.json
+    when `generation_config` is given (e.g. {"eos_token_id": [...], "pad_token_id": ...}: what
+    `transformers` `generate` stops at and pads with).
 
     Shards are written as they fill, so the host holds at most one shard plus one parameter. Every
     process must call this (gathering sharded parameters is collective); only process 0 writes.
@@ -310,6 +313,9 @@ def save_pretrained(model: Decoder, path: str, *, max_shard_bytes: int = 4 << 30
             json.dump(index, f, indent=2)
     with open(os.path.join(local, "config.json"), "w") as f:
         json.dump(to_hf_config(model.config, **(hf_config_extra or {})), f, indent=2)
+    if generation_config is not None:
+        with open(os.path.join(local, "generation_config.json"), "w") as f:
+            json.dump(generation_config, f, indent=2)
     if local != path:
         storage.copy_dir_to(local, path)
         shutil.rmtree(local)
