@@ -167,6 +167,8 @@ def test_entry_points_validate_before_loading(monkeypatch):
         sft.run(config)
     with pytest.raises(ConfigError, match="cannot run grpo"):
         train.run(config)
+    # evaluate.main reads its flags from absl's FLAGS (which console.setup reads too, for --verbosity).
+    monkeypatch.setattr(evaluate.console, "setup", lambda distributed: None)
     monkeypatch.setattr(evaluate.flags, "FLAGS", types.SimpleNamespace(config=config, checkpoint="unused"))
     with pytest.raises(ConfigError, match="cannot run eval"):
         evaluate.main([])
