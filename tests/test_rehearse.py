@@ -72,7 +72,7 @@ def _check_end_to_end(out: str, name: str) -> None:
     assert f"{workdir}/grpo/tensorboard/" in out
     table = out[out.index("reward component"):]
     assert re.search(r"reward/total\s+(\d\.\d{3}|-)\s+\d\.\d{3}", table)  # no "before" in a resumed run
-    assert re.search(r"reward/rubric/empathy\s+\d\.\d{3}", table)  # the judge was read
+    assert re.search(r"reward/rubric/empathy\s+(\d\.\d{3}|-)\s+\d\.\d{3}", table)  # the judge was read
     for export in ("sft/hf", "grpo/hf"):
         assert re.search(rf"transformers loads {re.escape(workdir)}/{export}: config \(\w+\), tokenizer \(\d+ ids\), "
                          r"model \(\d+ parameters\)", out), export
