@@ -120,7 +120,7 @@ def _wait_for_port(process: subprocess.Popen, timeout_s: float) -> int:
     if not line.startswith(_READY):
         process.wait(timeout=timeout_s)
         raise RuntimeError(f"gcp-storage-emulator did not start (exit code {process.returncode}, said "
-                           f"{line!r}); is it installed? pip install gcp-storage-emulator")
+                           f"{line!r}); is it installed? pip install -e \".[rehearse]\"")
     return int(line[len(_READY):])
 
 
