@@ -32,12 +32,13 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
+from kardia_jax.models import loading
 from kardia_jax import checkpoints, console, sharding, storage, training
 from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.data.schema import TurnSample
-from kardia_jax.data.spans import normalize_emotion, parse_spans
+from kardia_jax.spans import normalize_emotion, parse_spans
 from kardia_jax.models import Decoder
 from kardia_jax.models.tokenizer import Tokenizer
 from kardia_jax.sampling import SamplingConfig, make_sampler
@@ -202,12 +203,12 @@ def load_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, mesh) ->
     one step's directory). An Orbax checkpoint is read into the model `config.model` describes."""
     files = storage.listdir(checkpoint) if storage.isdir(checkpoint) else []
     if "config.json" in files and any(f.endswith(".safetensors") for f in files):
-        return training.load_policy(training.with_checkpoint(config, checkpoint), mesh)
+        return loading.load_policy(loading.with_checkpoint(config, checkpoint), mesh)
 
     root, step = checkpoint.rstrip("/"), None
     if os.path.basename(root).isdigit():
         root, step = os.path.dirname(root), int(os.path.basename(root))
-    model, tokenizer = training.load_policy(config, mesh)
+    model, tokenizer = loading.load_policy(config, mesh)
     graphdef, state = nnx.split(model)
     ckpt = checkpoints.Checkpointer(root, async_save=False)
     try:

@@ -40,6 +40,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
+from kardia_jax.models import loading
 from kardia_jax import checkpoints, console, evaluate, metrics, sharding, training
 from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, load_samples, sft_pipeline
@@ -179,7 +180,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
     rules = sharding.rules_from_config(config.rules)
     snapshot = training.config_snapshot(config)
     with jax.set_mesh(mesh):
-        model, tokenizer = training.load_policy(config, mesh)
+        model, tokenizer = loading.load_policy(config, mesh)
         config_lib.check_policy_positions(config, "sft", model.config)
         graphdef, state = nnx.split(model)
         params = nnx.to_pure_dict(state)
@@ -274,7 +275,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         ckpt.close()  # waits for the last save
 
         after = _evaluate(graphdef, params, tokenizer, test_samples, config, mesh)
-        training.export_hf(graphdef, params, tokenizer, os.path.join(workdir, "hf"))
+        loading.export_hf(graphdef, params, tokenizer, os.path.join(workdir, "hf"))
     metrics.plot_curves(os.path.join(workdir, metrics.METRICS_FILENAME), PLOT_PANELS, os.path.join(workdir, "loss.png"),
                         title="SFT")
     results = _summary(before, after, total_steps) | {"final_loss": final_loss, "start_step": start}

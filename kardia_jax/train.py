@@ -46,6 +46,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
+from kardia_jax.models import loading
 from kardia_jax import checkpoints, console, metrics, rewards, sharding, storage, training
 from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
@@ -259,13 +260,13 @@ def _repeat(x: jax.Array, g: int) -> jax.Array:
 
 
 def _initial_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config whose `model.*` and `tokenizer.*` `training.load_policy` reads: grpo.init_from if set,
+    """The config whose `model.*` and `tokenizer.*` `loading.load_policy` reads: grpo.init_from if set,
     else the SFT export `<workdir>/sft/hf` once it is complete (local or gs://), with the tokenizer saved
     there (it carries the span markers SFT trained), else the config's own model."""
     sft_hf = os.path.join(config.workdir, "sft", "hf")
     start = config.grpo.init_from or (sft_hf if storage.is_complete(sft_hf) else "")
     logging.info("GRPO starts from %s", start or f"model preset {config.model.preset!r}")
-    return training.with_checkpoint(config, start) if start else ml_collections.ConfigDict(config.to_dict())
+    return loading.with_checkpoint(config, start) if start else ml_collections.ConfigDict(config.to_dict())
 
 
 def reward_table(steps: Steps, params, judge_params, judge, pipeline, mesh, max_new_tokens: int) -> dict[str, float]:
@@ -296,7 +297,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     workdir = os.path.join(config.workdir, "grpo")
     with jax.set_mesh(mesh):
         policy_config = _initial_model_config(config)
-        model, tokenizer = training.load_policy(policy_config, mesh)
+        model, tokenizer = loading.load_policy(policy_config, mesh)
         config_lib.check_policy_positions(config, "grpo", model.config)
         graphdef, params = nnx.split(model)
         ref_params = reference_params(params, DTYPES[config.model.dtype]) if g.beta > 0 else None
@@ -412,7 +413,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     return {"before": before, "after": None, "steps": step + 1}
         ckpt.close()
         after = reward_table(steps, params, judge_params, judge, eval_pipeline, mesh, g.max_new_tokens)
-        training.export_hf(graphdef, params, tokenizer, os.path.join(workdir, "hf"))
+        loading.export_hf(graphdef, params, tokenizer, os.path.join(workdir, "hf"))
         plot = os.path.join(workdir, "rewards.png")
         metrics.plot_curves(logger.jsonl_path, plot_panels(config), plot, title="GRPO")
         console.print_outputs("GRPO", {

@@ -57,6 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from kardia_jax.models import loading
 from kardia_jax import sharding, training  # noqa: E402
 from kardia_jax.config import validate  # noqa: E402
 from kardia_jax.models import preset  # noqa: E402
@@ -113,7 +114,7 @@ def main():
     validate(config, "grpo", device_count=len(devices))  # the trainer's own checks, against the topology's chips
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     rules = sharding.rules_from_config(config.rules)
-    model_config = preset(ARGS.preset, **training.model_overrides(config.model))
+    model_config = preset(ARGS.preset, **loading.model_overrides(config.model))
     b, n, p, t = g.prompts_per_step, g.prompts_per_step * g.num_samples, ARGS.prompt_len, g.max_new_tokens
     print(f"jax {jax.__version__}; {ARGS.config}: {topology} ({len(devices)} x {devices[0].device_kind}), mesh "
           f"{dict(mesh.shape)}; policy {ARGS.preset} ({model_config.num_params() / 1e9:.2f} B params, "

@@ -33,7 +33,7 @@ import re
 from typing import NamedTuple
 
 from kardia_jax.data.prompts import system_message
-from kardia_jax.data.spans import EMOTIONS, SPAN_NAMES
+from kardia_jax.spans import EMOTIONS, SPAN_NAMES
 
 SEED = 20260101
 NUM_TEST_PERSONAS = 6

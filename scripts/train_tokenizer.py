@@ -18,8 +18,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from kardia_jax.data.sources import sample_path
-from kardia_jax.data.spans import MARKER_TOKENS
-from kardia_jax.models.tokenizer import CHATML_TEMPLATE, tokenizer_path, training_texts
+from kardia_jax.spans import MARKER_TOKENS
+from kardia_jax.data.sources import training_texts
+from kardia_jax.models.tokenizer import CHATML_TEMPLATE, tokenizer_path
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END, *MARKER_TOKENS)  # ids 0..10, in this order

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kardia_jax.data import pipeline, prompts, schema, sources
-from kardia_jax.data.spans import EMOTIONS, MARKER_TOKENS, SPAN_NAMES, parse_spans
+from kardia_jax.spans import EMOTIONS, MARKER_TOKENS, SPAN_NAMES, parse_spans
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kardia_jax import checkpoints, evaluate, sharding, training
+from kardia_jax.models import loading
+from kardia_jax import checkpoints, evaluate, sharding
 from kardia_jax.config import base_config
 from kardia_jax.data.pipeline import load_samples
 from kardia_jax.data.sources import sample_path
-from kardia_jax.data.spans import join_spans
+from kardia_jax.spans import join_spans
 from kardia_jax.models import save_pretrained
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 
@@ -87,7 +88,7 @@ def tiny(tokenizer):
     config = _config()
     mesh = sharding.mesh_from_config(config.mesh)
     with jax.set_mesh(mesh):
-        model, _ = training.load_policy(config, mesh)
+        model, _ = loading.load_policy(config, mesh)
     return config, mesh, model
 
 
@@ -146,7 +147,7 @@ def test_load_checkpoint_from_hf_dir_and_orbax(tiny, tokenizer, tmp_path):
     expected = _params(model)
     hf = str(tmp_path / "hf")
     save_pretrained(model, hf)
-    training.save_tokenizer(tokenizer, hf)
+    loading.save_tokenizer(tokenizer, hf)
     with checkpoints.Checkpointer(tmp_path / "orbax", async_save=False) as ckpt:
         ckpt.save(7, nnx.to_pure_dict(nnx.state(model)))
 

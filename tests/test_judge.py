@@ -10,7 +10,7 @@ from kardia_jax import sharding
 from kardia_jax.config import base_config
 from kardia_jax.data.pipeline import load_samples
 from kardia_jax.data.sources import sample_path
-from kardia_jax.data.spans import parse_spans
+from kardia_jax.spans import parse_spans
 from kardia_jax.models import Decoder, positions_from_mask, preset
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 from kardia_jax.rewards import RUBRIC_CRITERIA, rubric

@@ -26,6 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 from helpers_float import assert_trees_close
 from helpers_hf import hf_logits, left_padded_batch, make_hf_model
+from kardia_jax.models import loading
 from kardia_jax import storage
 from kardia_jax.models import (
     PRESETS,
@@ -634,7 +635,6 @@ def test_prefill_prefix_fan_out_equals_full_forward(tmp_path):
 
 def test_exported_model_stops_at_the_end_of_turn_in_transformers_generate(tmp_path):
     """export_hf writes generation_config.json and config.json ids: `generate` stops at <|im_end|>."""
-    from kardia_jax import training  # pylint: disable=import-outside-toplevel
     from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path  # pylint: disable=import-outside-toplevel
 
     tokenizer = load_tokenizer(tokenizer_path())
@@ -648,7 +648,7 @@ def test_exported_model_stops_at_the_end_of_turn_in_transformers_generate(tmp_pa
     model.embed[...] = jnp.tile(e, (model.config.vocab_size, 1)).at[tokenizer.eos_id].set(2 * e)
     graphdef, params = nnx.split(model)
     out = str(tmp_path / "hf")
-    training.export_hf(graphdef, params, tokenizer, out)
+    loading.export_hf(graphdef, params, tokenizer, out)
     assert json.load(open(os.path.join(out, "config.json")))["eos_token_id"] == tokenizer.eos_id
     prompt = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)])
     hf_model = _load_torch(out)

@@ -22,9 +22,10 @@ from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundEr
 from huggingface_hub.utils.sha import git_hash
 
 from kardia_jax.data.sources import sample_path
-from kardia_jax.data.spans import MARKER_TOKENS
+from kardia_jax.spans import MARKER_TOKENS
 from kardia_jax.models import from_pretrained, positions_from_mask, to_hf_config
-from kardia_jax.models.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer, training_texts
+from kardia_jax.data.sources import training_texts
+from kardia_jax.models.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from kardia_jax.rehearsal import hub
 from kardia_jax.rewards.judge import same_vocabulary
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from kardia_jax.data.spans import EMOTIONS, MARKER_TOKENS, SPAN_NAMES, join_spans, normalize_emotion, parse_spans
+from kardia_jax.spans import EMOTIONS, MARKER_TOKENS, SPAN_NAMES, join_spans, normalize_emotion, parse_spans
 from kardia_jax.rewards import (
     DEFAULT_WEIGHTS,
     RUBRIC_CRITERIA,

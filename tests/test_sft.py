@@ -16,6 +16,7 @@ from flax import nnx
 
 from helpers_float import assert_trees_close
 from helpers_training import assert_same_bits, checkpoint_item
+from kardia_jax.models import loading
 from kardia_jax import checkpoints, sft, sharding, training
 from kardia_jax.config import base_config
 from kardia_jax.data.pipeline import BatchConfig, load_samples, sft_pipeline
@@ -69,7 +70,7 @@ def tiny():
     config = _config()
     mesh = sharding.mesh_from_config(config.mesh)
     with jax.set_mesh(mesh):
-        model, _ = training.load_policy(config, mesh)
+        model, _ = loading.load_policy(config, mesh)
     return config, mesh, model
 
 
@@ -241,10 +242,10 @@ def test_load_policy_rejects_a_foreign_tokenizer(tmp_path, tiny):
     config.model.preset, config.model.hf_path = "", str(tmp_path)
     shipped = load_tokenizer(tokenizer_path()).vocab_size
     with pytest.raises(ValueError, match=f"1024 ids but the tokenizer .* already has {shipped} "):
-        training.load_policy(config, mesh)
+        loading.load_policy(config, mesh)
     config.model.preset = "tiny-qwen2"
     with pytest.raises(ValueError, match="exactly one of model.preset"):
-        training.load_policy(config, mesh)
+        loading.load_policy(config, mesh)
 
 
 # -- whole runs ----------------------------------------------------------------------------------

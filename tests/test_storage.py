@@ -25,6 +25,7 @@ from flax import nnx
 from huggingface_hub.file_download import repo_folder_name
 from jax.sharding import NamedSharding, PartitionSpec
 
+from kardia_jax.models import loading
 from kardia_jax import metrics, storage, train, training
 from kardia_jax.checkpoints import Checkpointer
 from kardia_jax.config import base_config
@@ -252,7 +253,7 @@ def test_sft_export_to_gcs_is_published_whole_and_loads_back(gcs_dir, gcs_emulat
     hf = f"{gcs_dir}/sft/hf"
     storage.write_text(f"{hf}/model-00001-of-00002.safetensors", "a stale shard of an older export")
     graphdef, params = nnx.split(model)
-    training.export_hf(graphdef, params, tokenizer, hf)
+    loading.export_hf(graphdef, params, tokenizer, hf)
 
     names = storage.listdir(hf)
     assert storage.is_complete(hf) and storage.COMPLETE_MARKER in names

@@ -5,7 +5,7 @@ import glob
 import os
 import re
 
-from kardia_jax.data.spans import EMOTIONS
+from kardia_jax.spans import EMOTIONS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 THIRD_PARTY = os.path.join(ROOT, "third_party")
@@ -24,6 +24,6 @@ def test_named_repository_paths_exist():
     for notice in notices:
         text = open(notice, encoding="utf-8").read()
         named |= set(re.findall(r"`((?:kardia_jax|scripts|tests)/[\w./-]*?)(?:/?\{[^}]*\}[\w.]*)?`", text))
-    assert "kardia_jax/data/spans.py" in named and "scripts/make_sample_data.py" in named  # the check looks
+    assert "kardia_jax/spans.py" in named and "scripts/make_sample_data.py" in named  # the check looks
     missing = [path for path in sorted(named) if not os.path.exists(os.path.join(ROOT, path))]
     assert not missing, f"third_party/ names paths that do not exist: {missing}"

@@ -9,7 +9,7 @@ import sentencepiece
 import transformers
 
 from kardia_jax.data import sources
-from kardia_jax.data.spans import MARKER_TOKENS
+from kardia_jax.spans import MARKER_TOKENS
 from kardia_jax.models import tokenizer as tokenizer_lib
 from kardia_jax.models.config import preset
 
@@ -70,7 +70,7 @@ def test_committed_tokenizer_equals_a_fresh_training(tmp_path):
     spec = importlib.util.spec_from_file_location("train_tokenizer", REPO / "scripts" / "train_tokenizer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    trained = module.train(tokenizer_lib.training_texts(sources.sample_path()), vocab_size=4096)
+    trained = module.train(sources.training_texts(sources.sample_path()), vocab_size=4096)
     trained.save_pretrained(tmp_path, save_jinja_files=False)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / name).read_text() == (pathlib.Path(tokenizer_lib.tokenizer_path()) / name).read_text()

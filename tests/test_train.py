@@ -16,6 +16,7 @@ from flax import nnx
 
 from helpers_float import assert_trees_close
 from helpers_training import assert_same_bits, checkpoint_item
+from kardia_jax.models import loading
 from kardia_jax import checkpoints, train, training
 from kardia_jax.config import base_config
 from kardia_jax.metrics import read_jsonl
@@ -148,7 +149,7 @@ def test_optimizer_state_is_sharded_like_the_params():
 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     with jax.set_mesh(mesh):
-        model = training.init_model(preset("tiny-qwen2"), mesh, sharding.DEFAULT_RULES)
+        model = loading.init_model(preset("tiny-qwen2"), mesh, sharding.DEFAULT_RULES)
     params = nnx.split(model)[1]
     optimizer = training.make_optimizer(1e-3, 2, 10, 0.1, 1.0)
     state = training.init_optimizer(optimizer, params)

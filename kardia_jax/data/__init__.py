@@ -1,1 +1,1 @@
-"""KardiaBench data: schema, span markers, parsing, sources, the shipped sample and Grain pipelines."""
+"""KardiaBench data: schema, parsing, sources, the shipped sample and Grain pipelines."""

@@ -56,7 +56,7 @@ from absl import logging
 from kardia_jax.data.prompts import DifficultyRule, expand_dialogues
 from kardia_jax.data.schema import TurnSample
 from kardia_jax.data.sources import LoadStats, load_dialogues
-from kardia_jax.data.spans import EMOTIONS
+from kardia_jax.spans import EMOTIONS
 from kardia_jax.models.tokenizer import Tokenizer
 
 SUBSETS = ("easy", "hard", "all")

@@ -22,7 +22,7 @@ import dataclasses
 import re
 
 from kardia_jax.data.schema import Dialogue, TurnSample
-from kardia_jax.data.spans import SPAN_MARKERS, SPAN_NAMES, join_spans, parse_spans
+from kardia_jax.spans import SPAN_MARKERS, SPAN_NAMES, join_spans, parse_spans
 
 SYSTEM_TEMPLATE = (
     "You support {anon_username}. Reply with understanding, reasoning, emotion and response.\n"
@@ -137,18 +137,6 @@ def expand_dialogues(dialogues: list[Dialogue], rule: DifficultyRule = Difficult
                      history: str = "response") -> list[TurnSample]:
     """All turn samples of `dialogues`, dialogue by dialogue."""
     return [sample for dialogue in dialogues for sample in expand_dialogue(dialogue, rule, history)]
-
-
-def fold_system_message(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Moves a leading system message into the first user message (for chat formats without a system
-    role, e.g. Gemma): "<system>\\n\\n<user>"."""
-    if not messages or messages[0]["role"] != "system":
-        return list(messages)
-    system, rest = messages[0], list(messages[1:])
-    if rest and rest[0]["role"] == "user":
-        rest[0] = {"role": "user", "content": f"{system['content']}\n\n{rest[0]['content']}"}
-        return rest
-    return [{"role": "user", "content": system["content"]}, *rest]
 
 
 def dialogue_context(sample: TurnSample) -> str:

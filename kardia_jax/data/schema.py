@@ -25,7 +25,7 @@ import dataclasses
 import difflib
 from typing import Any
 
-from kardia_jax.data.spans import EMOTIONS, join_spans, normalize_emotion, parse_spans
+from kardia_jax.spans import EMOTIONS, join_spans, normalize_emotion, parse_spans
 
 REQUIRED_STR_FIELDS = ("person", "mbti", "emotion", "situation", "anon_username")
 DIFFICULTIES = ("easy", "hard")
@@ -130,7 +130,7 @@ def parse_dialogue(raw: Any, *, path: str, row: int, dialogue_id: str | None = N
         close = difflib.get_close_matches(emotion, EMOTIONS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise error("emotion", UNKNOWN_EMOTION, f"'{raw['emotion']}' is not one of the 32 emotion labels.{hint}",
-                    "use one of kardia_jax.data.spans.EMOTIONS.")
+                    "use one of kardia_jax.spans.EMOTIONS.")
 
     difficulty = raw.get("difficulty")
     if difficulty is not None and difficulty not in DIFFICULTIES:

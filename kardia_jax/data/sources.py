@@ -32,6 +32,7 @@ from typing import Any, Iterator
 from absl import logging
 
 from kardia_jax import storage
+from kardia_jax.spans import MARKER_TOKENS
 from kardia_jax.data.schema import BAD_JSON, DataError, Dialogue, parse_dialogue
 
 FILE_FORMATS = (".jsonl", ".parquet")
@@ -141,3 +142,18 @@ def _rows_from_bytes(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as e:
             yield line_number, DataError(path, line_number, "<row>", BAD_JSON, f"the line is not valid JSON ({e}).",
                                          "write one JSON object per line.")
+
+
+def training_texts(source: str, split: str = "train") -> list[str]:
+    """The text small tokenizers are trained on (`scripts/train_tokenizer.py`, the rehearsal's hub
+    stand-ins): every message of `split` in `source` (system messages hold persona and situation), each
+    span marker replaced by a newline so that no merge learns a piece of a marker."""
+    dialogues, _ = load_dialogues(source, split)
+    texts = []
+    for dialogue in dialogues:
+        for message in dialogue.messages:
+            text = message["content"]
+            for marker in MARKER_TOKENS:
+                text = text.replace(marker, "\n")
+            texts.append(text)
+    return texts

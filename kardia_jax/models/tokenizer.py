@@ -28,8 +28,7 @@ import re
 from typing import Sequence
 
 from kardia_jax import storage
-from kardia_jax.data.prompts import fold_system_message
-from kardia_jax.data.spans import MARKER_TOKENS
+from kardia_jax.spans import MARKER_TOKENS
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -47,21 +46,16 @@ def tokenizer_path() -> str:
     return str(importlib.resources.files("kardia_jax").joinpath("assets", "tokenizer"))
 
 
-def training_texts(source: str, split: str = "train") -> list[str]:
-    """The text small tokenizers are trained on (`scripts/train_tokenizer.py`, the rehearsal's hub
-    stand-ins): every message of `split` in `source` (system messages hold persona and situation), each
-    span marker replaced by a newline so that no merge learns a piece of a marker."""
-    from kardia_jax.data.sources import load_dialogues  # pylint: disable=import-outside-toplevel
-
-    dialogues, _ = load_dialogues(source, split)
-    texts = []
-    for dialogue in dialogues:
-        for message in dialogue.messages:
-            text = message["content"]
-            for marker in MARKER_TOKENS:
-                text = text.replace(marker, "\n")
-            texts.append(text)
-    return texts
+def fold_system_message(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Moves a leading system message into the first user message (for chat formats without a system
+    role, e.g. Gemma): "<system>\\n\\n<user>"."""
+    if not messages or messages[0]["role"] != "system":
+        return list(messages)
+    system, rest = messages[0], list(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        rest[0] = {"role": "user", "content": f"{system['content']}\n\n{rest[0]['content']}"}
+        return rest
+    return [{"role": "user", "content": system["content"]}, *rest]
 
 
 class Tokenizer(abc.ABC):

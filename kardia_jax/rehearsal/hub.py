@@ -26,7 +26,7 @@ The stand-ins (random weights; nothing here is a real checkpoint):
     at `TinySize` sizes, is randomly initialised as a `kardia_jax.models.Decoder` and written with
     `kardia_jax.models.save_pretrained` (config.json + model.safetensors), so no torch is needed.
   * Tokenizer, in the family's format, trained in well under a second on the sample's text
-    (`kardia_jax.models.tokenizer.training_texts`):
+    (`kardia_jax.data.sources.training_texts`):
       - Qwen2.5 / Qwen3: a byte-level BPE `tokenizer.json` with Qwen's pre-tokenizer (taken from
         `transformers.Qwen2Tokenizer`, which rebuilds the tokenizer from it), its special tokens after
         the base vocabulary (`<|endoftext|>` pad, `<|im_start|>`, `<|im_end|>`; Qwen3 adds `<think>`,
@@ -75,7 +75,8 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 from kardia_jax.data.sources import sample_path
 from kardia_jax.models import Decoder, save_pretrained
 from kardia_jax.models.config import PRESETS, ModelConfig
-from kardia_jax.models.tokenizer import CHATML_TEMPLATE, training_texts
+from kardia_jax.data.sources import training_texts
+from kardia_jax.models.tokenizer import CHATML_TEMPLATE
 
 # Special tokens, in id order after the base vocabulary (Qwen) or from id 0 (Gemma).
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

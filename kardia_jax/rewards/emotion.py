@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kardia_jax.data.spans import EMOTIONS, SPAN_MARKERS
+from kardia_jax.spans import EMOTIONS, SPAN_MARKERS
 from kardia_jax.rewards.format import encode_text, find_token, is_whitespace_token
 
 PAD_ID = -1  # never a token id

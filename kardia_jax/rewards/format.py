@@ -1,6 +1,6 @@
 """Format reward on token ids: 1 iff a completion is the four well-formed spans, else 0.
 
-It is the id-level twin of `kardia_jax.data.spans.parse_spans(text) is not None`, computed in-graph:
+It is the id-level twin of `kardia_jax.spans.parse_spans(text) is not None`, computed in-graph:
 
   completion_ids   [N, T] int32   sampled tokens (anything after the mask is ignored)
   completion_mask  [N, T]         1 on generated tokens, up to and including the stop token
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kardia_jax.data.spans import MARKER_TOKENS
+from kardia_jax.spans import MARKER_TOKENS
 
 # Host-side builders take a kardia_jax `Tokenizer` (models/tokenizer.py): encode(text) -> ids with no
 # BOS/EOS added, decode(ids, skip_special_tokens=False) -> str, and vocab_size.
