@@ -53,7 +53,7 @@ from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.grpo import GRPOConfig, group_advantages, grpo_metrics, loss_normalizers, token_loss, token_terms
 from kardia_jax.models.config import DTYPES
-from kardia_jax.models.decoder import Decoder, chunked_logprobs, fused_token_loss, positions_from_mask
+from kardia_jax.models import Decoder, chunked_logprobs, fused_token_loss, positions_from_mask
 from kardia_jax.rewards.judge import RubricJudge, load_judge
 from kardia_jax.sampling import SampleOutput, SamplingConfig, make_sampler
 

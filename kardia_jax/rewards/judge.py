@@ -92,7 +92,7 @@ from flax import nnx
 from kardia_jax import sharding
 from kardia_jax.data.schema import TurnSample
 from kardia_jax.spans import MARKER_TOKENS, SPAN_MARKERS
-from kardia_jax.models.decoder import Decoder, fan_out_prefix, positions_from_mask
+from kardia_jax.models import Decoder, fan_out_prefix, positions_from_mask
 from kardia_jax.rewards import rubric
 from kardia_jax.rewards.combine import RUBRIC_CRITERIA
 
