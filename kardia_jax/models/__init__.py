@@ -1,7 +1,7 @@
 """Models: one NNX decoder for Qwen2/2.5, Qwen3 and Gemma; presets; HF weights in and out; tokenizers."""
 
 from kardia_jax.models.config import PRESETS, ModelConfig, from_hf_config, preset, to_hf_config
-from kardia_jax.models.decoder import Decoder, chunked_logprobs, fused_token_loss, init_cache, positions_from_mask, rope_tables
+from kardia_jax.models.decoder import Decoder, chunked_logprobs, fan_out_prefix, fused_token_loss, init_cache, positions_from_mask, rope_tables
 from kardia_jax.models.weights import from_pretrained, resize_vocab, save_pretrained
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "Decoder",
     "ModelConfig",
     "chunked_logprobs",
+    "fan_out_prefix",
     "from_hf_config",
     "fused_token_loss",
     "from_pretrained",
