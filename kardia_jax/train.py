@@ -404,7 +404,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     _print_samples(tokenizer, out, host_samples, g.num_samples)
                 stop = preemption.reached(step + 1)
                 ckpt.save(
-                    step + 1, params, opt_state, data_iterator_state=iterator.get_state(), rng=rng,
+                    step + 1, params, opt_state, data_iterator=iterator, rng=rng,
                     metadata=config.to_dict(), force=stop or step + 1 == total_steps,
                 )
                 if stop:
