@@ -3,12 +3,12 @@
 Nothing is loaded or materialised: the policy is built with `nnx.eval_shape` from the preset of the same
 architecture as the config's checkpoint (`--preset`), with the config's dtypes, remat and sharding rules,
 on a mesh over the devices of the config's `topology` (e.g. v5e:4x4). The jitted phases of
-`kardia_jax.train.Steps` (the trainer's own functions) are traced, lowered and compiled for TPU on
+`kardia_jax.grpo.steps.Steps` (the trainer's own functions) are traced, lowered and compiled for TPU on
 abstract arguments of a full step's shapes:
 
   sample      prompts [B, P] -> B·G completions of grpo.max_new_tokens (the jitted sampler)
   reference   teacher-forced logprobs of the B·G completions (the frozen reference, stored in the
-              compute dtype as `train.reference_params` makes it)
+              compute dtype as `grpo.steps.reference_params` makes it)
   update      GRPO loss, gradients over grpo.num_minibatches, AdamW (float32 masters)
   score       the rewards of the B·G completions with the rubric judge (`--judge_preset`, the config's
               judge dtype, rules, context/response budgets and rows_per_chunk) and the group advantages.
@@ -33,7 +33,7 @@ import importlib.util
 import math
 import time
 
-from tpu_aot import setup_libtpu
+from tpu_aot import abstract_params, setup_libtpu
 
 
 def parse_args():
@@ -58,13 +58,13 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from kardia_jax.models import loading
-from kardia_jax import sharding, training  # noqa: E402
+from kardia_jax import optim, sharding  # noqa: E402
 from kardia_jax.config import validate  # noqa: E402
 from kardia_jax.models import preset  # noqa: E402
 from kardia_jax.models.config import DTYPES  # noqa: E402
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path  # noqa: E402
-from kardia_jax.rewards.judge import RubricJudge  # noqa: E402
-from kardia_jax.train import Rollout, Steps  # noqa: E402
+from kardia_jax.rewards.judge import RubricJudge, model_overrides  # noqa: E402
+from kardia_jax.grpo.steps import Rollout, Steps  # noqa: E402
 
 GIB = 1 << 30
 
@@ -122,17 +122,18 @@ def main():
           f"{b} prompts x {p} tokens, G={g.num_samples}, {t} new tokens, {g.num_minibatches} minibatches")
 
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        graphdef, params = loading.abstract_model(model_config, mesh, rules)
+        graphdef, params = abstract_params(model_config, rules, mesh)
+        params = nnx.to_pure_dict(params)  # the trainer's representation (`scaffold.split_params`)
         total_steps = 1000
-        optimizer = training.make_optimizer(g.learning_rate, g.warmup_steps, total_steps, g.weight_decay, g.grad_clip)
-        opt_shardings = training.optimizer_shardings(optimizer, params)  # as `training.init_optimizer` lays it out
+        optimizer = optim.make_optimizer(g.learning_rate, g.warmup_steps, total_steps, g.weight_decay, g.grad_clip)
+        opt_shardings = optim.optimizer_shardings(optimizer, params)  # as `optim.init_optimizer` lays it out
         opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  jax.eval_shape(optimizer.init, params), opt_shardings)
         tokenizer = load_tokenizer(tokenizer_path())
         judge, judge_params = None, {}
         if ARGS.judge_preset:  # as `rewards.judge.load_judge` builds it, with abstract parameters
-            judge_graphdef, judge_params = loading.abstract_model(preset(ARGS.judge_preset, **loading.model_overrides(config.judge)),
-                                                                  mesh, sharding.rules_from_config(config.judge.rules))
+            judge_graphdef, judge_params = abstract_params(preset(ARGS.judge_preset, **model_overrides(config.judge)),
+                                                           sharding.rules_from_config(config.judge.rules), mesh)
             judge = RubricJudge.from_config(nnx.merge(judge_graphdef, judge_params), config.judge, tokenizer, tokenizer)
         steps = Steps(graphdef, params, judge, tokenizer, config, optimizer)
         compute = DTYPES[model_config.dtype]
