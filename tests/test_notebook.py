@@ -58,8 +58,8 @@ def test_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)  # the kernel, and the jobs it starts, inherit this environment
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    first_jax = next(i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and "\nimport jax " in
-                     "\n" + cell.source)
+    first_jax = next(i for i, cell in enumerate(nb.cells)
+                     if cell.cell_type == "code" and "import jax" in cell.source.splitlines())
     nb.cells.insert(first_jax, nbformat.v4.new_code_cell(BACKEND_CHECK))
     # Run from launch/, as Jupyter does for a notebook opened there; any cell error raises CellExecutionError.
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
