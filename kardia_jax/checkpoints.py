@@ -6,7 +6,8 @@ One `Checkpointer` serves both trainers (SFT and GRPO). A checkpoint for step `s
     params/          model parameters (any pytree of jax.Array, possibly sharded; or an nnx.State)
     opt_state/       optimizer state (optax pytree, or the nnx.State of an nnx.Optimizer); optional
     trainer_state/   JSON: the step and the RNG key (key data + PRNG implementation name)
-    data_iterator/   JSON, one file per process: that process's data-iterator state (dict or bytes)
+    data_iterator/   process_<i>-of-<n>.json, one per process: that process's Grain iterator state,
+                     written by Grain's own Orbax handler (`grain.checkpoint.CheckpointSave`); optional
     metadata/        JSON: a small metadata dict, e.g. the config snapshot
 
 Arrays are restored onto the shardings of the abstract arrays the caller passes, so a checkpoint written
@@ -18,20 +19,20 @@ marker instead). A save interrupted half way is therefore never seen as the late
 
 Multi-host: every process must call `save`, `restore*`, `wait_until_finished` and `close`, with the same
 step; Orbax coordinates the processes (each writes its own shards; JSON items are written by process 0,
-except the data-iterator state, which each process writes for itself).
+except the data-iterator state, which each process writes for itself: each reads its own shard of the
+data).
 
 Preemption: `PreemptionGuard` turns SIGTERM into "save at the next step boundary, then stop".
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import os
 import signal
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -41,6 +42,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import nnx
+from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
 from kardia_jax import storage
@@ -52,63 +54,9 @@ _DATA_ITERATOR = "data_iterator"
 _METADATA = "metadata"
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data-iterator state: one JSON file per process (each host reads its own shard of the data).
-# ---------------------------------------------------------------------------------------------------
-
-
-def _process_filename(process_index: int, process_count: int) -> str:
-    return f"process_{process_index}-of-{process_count}.json"
-
-
-class _PerProcessJsonHandler(ocp.CheckpointHandler):
-    """Orbax handler that writes one small JSON document per process.
-
-    The data-iterator state differs between processes, so it cannot go through `JsonSave` (which only
-    process 0 writes). The state may be a JSON-serializable dict (Grain `DatasetIterator.get_state()`)
-    or bytes (Grain `DataLoaderIterator.get_state()`); bytes are stored base64-encoded.
-    """
-
-    def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
-        state = args.state
-        if state is None:
-            document = {"format": "none", "value": None}
-        elif isinstance(state, (bytes, bytearray)):
-            document = {"format": "bytes", "value": base64.b64encode(bytes(state)).decode("ascii")}
-        else:
-            document = {"format": "json", "value": state}
-        path = directory / _process_filename(jax.process_index(), jax.process_count())
-        path.write_text(json.dumps(document))
-
-    def restore(self, directory: epath.Path, args: DataIteratorRestore | None = None) -> Any:
-        del args
-        path = directory / _process_filename(jax.process_index(), jax.process_count())
-        if not path.exists():
-            found = sorted(p.name for p in directory.iterdir())
-            raise FileNotFoundError(
-                f"No data-iterator state for process {jax.process_index()} of {jax.process_count()} in "
-                f"{directory} (found: {found}). The checkpoint was written by a different number of "
-                "processes; restart the data pipeline from scratch by restoring with "
-                "`restore_data_iterator=False`."
-            )
-        document = json.loads(path.read_text())
-        if document["format"] == "bytes":
-            return base64.b64decode(document["value"])
-        return document["value"]
-
-
-@ocp.args.register_with_handler(_PerProcessJsonHandler, for_save=True)
-@dataclasses.dataclass
-class DataIteratorSave(ocp.args.CheckpointArgs):
-    """Orbax save args for the data-iterator state (dict, bytes or None)."""
-
-    state: Mapping[str, Any] | bytes | None
-
-
-@ocp.args.register_with_handler(_PerProcessJsonHandler, for_restore=True)
-@dataclasses.dataclass
-class DataIteratorRestore(ocp.args.CheckpointArgs):
-    """Orbax restore args for the data-iterator state."""
+def _iterator_state_file(step_dir: epath.Path) -> epath.Path:
+    """Where Grain's `CheckpointHandler` keeps this process's iterator state in a checkpoint."""
+    return step_dir / _DATA_ITERATOR / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,13 +139,13 @@ class Restored:
 
     `params` and `opt_state` have the structure, shardings and (for nnx.State targets) the type of
     the abstract trees passed to `restore`; `opt_state` is None when it was not requested.
-    `rng` is the saved key (typed or raw, as saved) on the default device, or None.
+    `rng` is the saved key (typed or raw, as saved) on the default device, or None. A data iterator
+    passed to `restore` is moved to its saved position in place, not returned.
     """
 
     step: int
     params: Any
     opt_state: Any
-    data_iterator_state: Mapping[str, Any] | bytes | None
     rng: jax.Array | None
     metadata: dict[str, Any]
 
@@ -256,7 +204,7 @@ class Checkpointer:
         params: Any,
         opt_state: Any = None,
         *,
-        data_iterator_state: Mapping[str, Any] | bytes | None = None,
+        data_iterator: Any = None,
         rng: jax.Array | None = None,
         metadata: Any = None,
         force: bool = False,
@@ -267,7 +215,8 @@ class Checkpointer:
           step: the training step the state belongs to (usually: number of updates done).
           params: pytree of arrays or nnx.State (e.g. `nnx.state(model, nnx.Param)`).
           opt_state: optax state pytree or `nnx.state(optimizer)`; None to save parameters only.
-          data_iterator_state: this process's `iterator.get_state()` (dict or bytes), or None.
+          data_iterator: this process's Grain iterator (`grain.DatasetIterator` or `DataLoaderIterator`),
+            or None; its `get_state()` is written before `save` returns, also with async_save.
           rng: a typed key (`jax.random.key`) or raw uint32 key data; replicated, not sharded.
           metadata: JSON-serializable dict or ConfigDict, e.g. the config.
           force: save regardless of the interval (final step, preemption). A step that already has
@@ -285,11 +234,12 @@ class Checkpointer:
         items = {
             _PARAMS: ocp.args.StandardSave(_to_storable_tree(params, "params")),
             _TRAINER_STATE: ocp.args.JsonSave({"step": int(step), "rng": _rng_to_json(rng)}),
-            _DATA_ITERATOR: DataIteratorSave(data_iterator_state),
             _METADATA: ocp.args.JsonSave(_metadata_to_json(metadata)),
         }
         if opt_state is not None:
             items[_OPT_STATE] = ocp.args.StandardSave(_to_storable_tree(opt_state, "opt_state"))
+        if data_iterator is not None:  # Grain's handler is synchronous: it reads the state now
+            items[_DATA_ITERATOR] = grain_checkpoint.CheckpointSave(data_iterator)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(
@@ -298,7 +248,7 @@ class Checkpointer:
         abstract_params: Any,
         abstract_opt_state: Any = None,
         *,
-        restore_data_iterator: bool = True,
+        data_iterator: Any = None,
     ) -> Restored:
         """Restores the checkpoint of `step` onto the shardings of the abstract trees.
 
@@ -308,7 +258,8 @@ class Checkpointer:
             `.sharding`, or concrete sharded arrays (only shape, dtype and sharding are read). An
             nnx.State comes back as an nnx.State; a pure dict as a pure dict.
           abstract_opt_state: the same for the optimizer state; None to skip it (e.g. evaluation).
-          restore_data_iterator: False to ignore the saved data-iterator state (returned as None).
+          data_iterator: this process's Grain iterator of the same pipeline, to move to the saved
+            position in place (`grain.checkpoint.CheckpointRestore`); None to leave the saved state unread.
         """
         if step not in self._manager.all_steps():
             raise FileNotFoundError(
@@ -326,8 +277,9 @@ class Checkpointer:
             pure_target = _to_storable_tree(target, name)
             _check_target_shardings(pure_target, f"restore target for {name!r}")
             items[name] = ocp.args.StandardRestore(pure_target)
-        if restore_data_iterator:
-            items[_DATA_ITERATOR] = DataIteratorRestore()
+        if data_iterator is not None:
+            self._check_iterator_state(step)
+            items[_DATA_ITERATOR] = grain_checkpoint.CheckpointRestore(data_iterator)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except (KeyError, ValueError) as error:
@@ -352,24 +304,38 @@ class Checkpointer:
             step=int(trainer_state["step"]),
             params=as_target_type(_PARAMS),
             opt_state=as_target_type(_OPT_STATE),
-            data_iterator_state=restored[_DATA_ITERATOR] if restore_data_iterator else None,
             rng=_rng_from_json(trainer_state["rng"]),
             metadata=dict(restored[_METADATA]),
         )
+
+    def _check_iterator_state(self, step: int) -> None:
+        """Raises, saying what to do, unless step `step` holds this process's data-iterator state."""
+        step_dir = self.directory / str(step)
+        if not (step_dir / _DATA_ITERATOR).exists():
+            raise ValueError(f"{step_dir}: the checkpoint has no data-iterator state, so the run cannot "
+                             "continue with the batch that comes next.")
+        path = _iterator_state_file(step_dir)
+        if not path.exists():
+            found = sorted(p.name for p in path.parent.iterdir())
+            raise FileNotFoundError(
+                f"No data-iterator state for process {jax.process_index()} of {jax.process_count()} in "
+                f"{path.parent} (found: {found}). The checkpoint was written by a different number of "
+                "processes; restart the data pipeline from scratch by restoring without a data iterator."
+            )
 
     def restore_latest(
         self,
         abstract_params: Any,
         abstract_opt_state: Any = None,
         *,
-        restore_data_iterator: bool = True,
+        data_iterator: Any = None,
     ) -> Restored | None:
         """Restores the newest complete checkpoint (see `restore`), or returns None if there is none."""
         step = self.latest_step()
         if step is None:
             return None
         return self.restore(
-            step, abstract_params, abstract_opt_state, restore_data_iterator=restore_data_iterator
+            step, abstract_params, abstract_opt_state, data_iterator=data_iterator
         )
 
     def wait_until_finished(self) -> None:

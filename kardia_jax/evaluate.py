@@ -216,7 +216,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, mesh) ->
         if step is None:
             raise FileNotFoundError(f"{checkpoint}: neither a Hugging Face directory (no config.json) nor an "
                                     "Orbax checkpoint directory (no complete step inside).")
-        restored = ckpt.restore(step, nnx.to_pure_dict(state), restore_data_iterator=False)
+        restored = ckpt.restore(step, nnx.to_pure_dict(state))
     finally:
         ckpt.close()
     logging.info("Loaded step %d of %s.", step, root)

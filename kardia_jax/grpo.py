@@ -226,7 +226,7 @@ def token_loss(logp, old_logp, ref_logp, terms: TokenTerms, config: GRPOConfig) 
       w * (-min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) + beta * KL)
 
     Entry [n, t] depends only on logp[n, t] (and the other arrays at [n, t]), so a chunk of positions
-    can be computed on its own (as `decoder.fused_token_loss` does). Arguments as in `grpo_loss`.
+    can be computed on its own (as `models.fused_token_loss` does). Arguments as in `grpo_loss`.
     """
     if config.beta != 0 and ref_logp is None:
         raise ValueError(f"GRPOConfig.beta={config.beta} needs ref_logp; pass it or set beta=0.")

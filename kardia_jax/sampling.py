@@ -5,7 +5,7 @@
         --lax.while_loop, one token per step-->  completions [B·G, T_new]
 
 Sample i·G + g is the g-th sample of prompt i. The G samples of a prompt read its prompt cache in place
-(`decoder.attend` groups query rows over a shared block) instead of G copies of it: G times less cache
+(`attention.attend` groups query rows over a shared block) instead of G copies of it: G times less cache
 memory and memory traffic for the prompt part of every decode step. The loop stops early once every
 row has emitted a stop token. The step key is `fold_in(key, step)`, so a run is reproducible and
 independent of how many rows there are per device. The cache and the output buffers are loop carries,
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kardia_jax.models.decoder import Decoder, fan_out_prefix, positions_from_mask
+from kardia_jax.models import Decoder, KVCache, fan_out_prefix, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +146,7 @@ def sample(model: Decoder, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
 
     class Carry(NamedTuple):
         step: jax.Array
-        cache: dict  # this segment's block, with the prompt and earlier segments as prefixes
+        cache: KVCache  # this segment's block, with the prompt and earlier segments as prefixes
         logits: jax.Array  # [N, V] logits for the token about to be chosen
         tokens: jax.Array  # [N, T_new]
         mask: jax.Array  # [N, T_new]

@@ -264,7 +264,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
                     ckpt.close()  # waits for pending saves, all of finite parameters
                     raise error
                 stop = preemption.reached(done) or (stop_after > 0 and done >= stop_after)
-                ckpt.save(done, params, opt_state, data_iterator_state=iterator.get_state(), rng=rng,
+                ckpt.save(done, params, opt_state, data_iterator=iterator, rng=rng,
                           metadata=snapshot, force=stop or done == total_steps)
                 if stop and done < total_steps:
                     ckpt.close()

@@ -53,7 +53,7 @@ from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.grpo import GRPOConfig, group_advantages, grpo_metrics, loss_normalizers, token_loss, token_terms
 from kardia_jax.models.config import DTYPES
-from kardia_jax.models.decoder import Decoder, chunked_logprobs, fused_token_loss, positions_from_mask
+from kardia_jax.models import Decoder, chunked_logprobs, fused_token_loss, positions_from_mask
 from kardia_jax.rewards.judge import RubricJudge, load_judge
 from kardia_jax.sampling import SampleOutput, SamplingConfig, make_sampler
 
@@ -404,7 +404,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     _print_samples(tokenizer, out, host_samples, g.num_samples)
                 stop = preemption.reached(step + 1)
                 ckpt.save(
-                    step + 1, params, opt_state, data_iterator_state=iterator.get_state(), rng=rng,
+                    step + 1, params, opt_state, data_iterator=iterator, rng=rng,
                     metadata=config.to_dict(), force=stop or step + 1 == total_steps,
                 )
                 if stop:

@@ -282,14 +282,9 @@ def restore_or_init(ckpt: checkpoints.Checkpointer, params, opt_state, rng: jax.
 
     Returns (step, params, opt_state, rng): step 0 and the inputs for a fresh run.
     """
-    restored = ckpt.restore_latest(params, opt_state, restore_data_iterator=iterator is not None)
+    restored = ckpt.restore_latest(params, opt_state, data_iterator=iterator)
     if restored is None:
         return 0, params, opt_state, rng
-    if iterator is not None:
-        if restored.data_iterator_state is None:
-            raise ValueError(f"{ckpt.directory}/{restored.step}: the checkpoint has no data-iterator state, so "
-                             "the run cannot continue with the batch that comes next.")
-        iterator.set_state(restored.data_iterator_state)
     # A warning: resuming changes what the run does, so it is said at every verbosity.
     logging.warning("Resumed from %s at step %d.", ckpt.directory, restored.step)
     return restored.step, restored.params, restored.opt_state, restored.rng if restored.rng is not None else rng

@@ -33,7 +33,7 @@ import importlib.util
 import math
 import time
 
-from tpu_aot import abstract_params, setup_libtpu
+from tpu_aot import setup_libtpu
 
 
 def parse_args():
@@ -63,7 +63,7 @@ from kardia_jax.config import validate  # noqa: E402
 from kardia_jax.models import preset  # noqa: E402
 from kardia_jax.models.config import DTYPES  # noqa: E402
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path  # noqa: E402
-from kardia_jax.rewards.judge import RubricJudge, model_overrides  # noqa: E402
+from kardia_jax.rewards.judge import RubricJudge  # noqa: E402
 from kardia_jax.train import Rollout, Steps  # noqa: E402
 
 GIB = 1 << 30
@@ -122,7 +122,7 @@ def main():
           f"{b} prompts x {p} tokens, G={g.num_samples}, {t} new tokens, {g.num_minibatches} minibatches")
 
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        graphdef, params = abstract_params(model_config, rules, mesh)
+        graphdef, params = loading.abstract_model(model_config, mesh, rules)
         total_steps = 1000
         optimizer = training.make_optimizer(g.learning_rate, g.warmup_steps, total_steps, g.weight_decay, g.grad_clip)
         opt_shardings = training.optimizer_shardings(optimizer, params)  # as `training.init_optimizer` lays it out
@@ -131,8 +131,8 @@ def main():
         tokenizer = load_tokenizer(tokenizer_path())
         judge, judge_params = None, {}
         if ARGS.judge_preset:  # as `rewards.judge.load_judge` builds it, with abstract parameters
-            judge_graphdef, judge_params = abstract_params(preset(ARGS.judge_preset, **model_overrides(config.judge)),
-                                                           sharding.rules_from_config(config.judge.rules), mesh)
+            judge_graphdef, judge_params = loading.abstract_model(preset(ARGS.judge_preset, **loading.model_overrides(config.judge)),
+                                                                  mesh, sharding.rules_from_config(config.judge.rules))
             judge = RubricJudge.from_config(nnx.merge(judge_graphdef, judge_params), config.judge, tokenizer, tokenizer)
         steps = Steps(graphdef, params, judge, tokenizer, config, optimizer)
         compute = DTYPES[model_config.dtype]

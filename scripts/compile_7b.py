@@ -22,7 +22,7 @@ import argparse
 import os
 import time
 
-from tpu_aot import abstract_params, setup_libtpu
+from tpu_aot import setup_libtpu
 
 
 def parse_args():
@@ -51,7 +51,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
 from kardia_jax import sharding  # noqa: E402
-from kardia_jax.models import Decoder, positions_from_mask, preset  # noqa: E402
+from kardia_jax.models import Decoder, loading, positions_from_mask, preset  # noqa: E402
 
 GIB = 1 << 30
 
@@ -145,7 +145,7 @@ def tpu_part():
           f"{dict(mesh.shape)}, {ARGS.preset} {layers} layers, bf16, batch {ARGS.batch} x {ARGS.length}, remat {ARGS.remat}")
     rules = sharding.DEFAULT_RULES
     config = model_config(layers)
-    graphdef, state = abstract_params(config, rules, mesh)
+    graphdef, state = loading.abstract_model(config, mesh, rules)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_spec = sharding.logical_to_spec(("activation_batch", "activation_length"), (ARGS.batch, ARGS.length), rules, dict(mesh.shape))
     tokens = token_specs(NamedSharding(mesh, batch_spec))

@@ -4,6 +4,8 @@ import os
 import shutil
 import signal
 
+import grain
+import grain.python
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,29 +47,44 @@ def _one_adamw_step(params):
     return optax.apply_updates(params, updates), opt_state
 
 
-@pytest.mark.parametrize(
-    "iterator_state",
-    [{"next_index": 17, "epoch": 1}, b'{"version": 2, "last_seen_indices": {"0": 5}}\x00\xff'],
-    ids=["dict", "bytes"],
-)
-def test_round_trip_everything(tmp_path, iterator_state):
+def _dataset_iterator():
+    """A Grain `DatasetIterator` (what the pipelines give; its state is a dict) over 0..39."""
+    return iter(grain.MapDataset.range(40).shuffle(seed=1).to_iter_dataset())
+
+
+def _data_loader_iterator():
+    """A Grain `DataLoaderIterator` (its state is bytes) over 0..39."""
+    sampler = grain.python.IndexSampler(40, grain.python.NoSharding(), shuffle=True, num_epochs=1, seed=1)
+    return iter(grain.python.DataLoader(data_source=grain.python.RangeDataSource(0, 40, 1), sampler=sampler,
+                                        worker_count=0))
+
+
+@pytest.mark.parametrize("make_iterator", [_dataset_iterator, _data_loader_iterator], ids=["dict", "bytes"])
+def test_round_trip_everything(tmp_path, make_iterator):
     mesh = make_mesh(fsdp=4, tensor=2)
     params, opt_state = _one_adamw_step(_sharded_params(mesh))
     rng = jax.random.split(jax.random.key(3))[1]
     metadata = {"model": "tiny", "lr": 1e-4, "rules": [["embed", "fsdp"]]}
+    iterator = make_iterator()
+    for _ in range(17):
+        next(iterator)
 
     with Checkpointer(tmp_path / "ckpt") as ckpt:
-        assert ckpt.save(7, params, opt_state, data_iterator_state=iterator_state, rng=rng, metadata=metadata)
+        assert ckpt.save(7, params, opt_state, data_iterator=iterator, rng=rng, metadata=metadata)
+        ahead = [next(iterator) for _ in range(3)]  # read after `save` returned: not in the checkpoint
         ckpt.wait_until_finished()
+        resumed = make_iterator()
         restored = ckpt.restore_latest(
-            _abstract(params, lambda x: x.sharding), _abstract(opt_state, lambda x: x.sharding)
+            _abstract(params, lambda x: x.sharding), _abstract(opt_state, lambda x: x.sharding), data_iterator=resumed
         )
 
     assert restored.step == 7
     _assert_trees_equal(restored.params, params)
     _assert_trees_equal(restored.opt_state, opt_state)
     assert restored.opt_state[0].count == 1
-    assert restored.data_iterator_state == iterator_state
+    assert [next(resumed) for _ in range(3)] == ahead  # the restored iterator continues where it was saved
+    saved = os.listdir(tmp_path / "ckpt" / "7" / "data_iterator")
+    assert [name for name in saved if name.endswith(".json")] == ["process_0-of-1.json"]  # one per process
     assert restored.metadata == metadata
     assert jax.dtypes.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
     np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(rng))
@@ -91,7 +108,8 @@ def test_nnx_state_and_raw_key_round_trip(tmp_path):
     nnx.update(fresh, restored.params)
     np.testing.assert_array_equal(fresh.kernel[...], model.kernel[...])
     np.testing.assert_array_equal(restored.rng, jax.random.PRNGKey(5))
-    assert restored.opt_state is None and restored.data_iterator_state is None and restored.metadata == {}
+    assert restored.opt_state is None and restored.metadata == {}
+    assert not os.path.exists(tmp_path / "1" / "data_iterator")  # no iterator given, none saved
 
 
 def test_restore_onto_another_mesh(tmp_path):
@@ -157,6 +175,14 @@ def test_errors_say_what_to_fix(tmp_path):
             ckpt.restore_latest(_abstract(params, lambda x: device), _abstract(params, lambda x: device))
         with pytest.raises(FileNotFoundError, match="available steps"):
             ckpt.restore(2, _abstract(params, lambda x: device))
+        with pytest.raises(ValueError, match="no data-iterator state"):
+            ckpt.restore(1, _abstract(params, lambda x: device), data_iterator=_dataset_iterator())
+        ckpt.save(3, params, data_iterator=_dataset_iterator(), force=True)
+        ckpt.wait_until_finished()
+        saved = tmp_path / "3" / "data_iterator"
+        os.rename(saved / "process_0-of-1.json", saved / "process_0-of-2.json")  # as if from 2 processes
+        with pytest.raises(FileNotFoundError, match="different number of processes"):
+            ckpt.restore(3, _abstract(params, lambda x: device), data_iterator=_dataset_iterator())
         with pytest.raises(TypeError, match="JSON-serializable"):
             ckpt.save(2, params, metadata={"dtype": jnp.float32}, force=True)
         with pytest.raises(TypeError, match="rng="):

@@ -10,7 +10,6 @@ import pytest
 
 from kardia_jax.data import pipeline, prompts, schema, sources
 from kardia_jax.spans import EMOTIONS, MARKER_TOKENS, SPAN_NAMES, parse_spans
-from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,11 +34,6 @@ def _row(pairs=3, xml=False, emotion="Annoyed "):
 def _write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(tokenizer_path())
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The rubric judge: score reading, in-graph vs host paths, three-level prefix sharing vs full prompts, packing."""
+"""The rubric judge's scorer: score reading, in-graph vs host paths, three-level prefix sharing vs full prompts,
+packing, loading. The host-side prompt building: test_judge_prompts.py."""
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +15,8 @@ from kardia_jax.spans import parse_spans
 from kardia_jax.models import Decoder, positions_from_mask, preset
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 from kardia_jax.rewards import RUBRIC_CRITERIA, rubric
-from kardia_jax.rewards.judge import (
-    JudgePrompts,
-    RubricJudge,
-    load_judge,
-    same_vocabulary,
-    scores_from_logits,
-)
+from kardia_jax.rewards.judge import RubricJudge, load_judge, scores_from_logits
+from kardia_jax.rewards.judge_prompts import JudgePrompts
 
 CONTEXT_TOKENS, RESPONSE_TOKENS = 100, 12  # contexts of 80 tokens and over budget: different lengths
 B, G = 4, 2  # prompts x completions per prompt = the 8 completions below
@@ -90,20 +86,6 @@ def batch(tokenizer, samples, judge):
         tokens[row, :len(seq)], mask[row, :len(seq)] = seq, 1
     contexts = judge.prepare_contexts(samples)
     return texts, tokens, mask, contexts
-
-
-def test_score_tokens_must_be_single_tokens(model, tokenizer):
-    class SplitsThree:
-        """The shipped tokenizer, except that "3" takes two tokens."""
-
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
-
-        def encode(self, text):
-            return [29, 29] if text == "3" else tokenizer.encode(text)
-
-    with pytest.raises(ValueError, match=r"encodes '3' as 2 tokens"):
-        RubricJudge(model, SplitsThree())
 
 
 def test_certain_four_scores_exactly_075(model, tokenizer, score_ids, batch):
@@ -277,7 +259,7 @@ def test_three_levels_equal_each_completions_contiguous_prompt(model, judge, sco
 
 def test_vocabulary_detection_and_load_judge(model, tokenizer, judge, score_ids, batch):
     _, tokens, mask, contexts = batch
-    assert judge.shared_vocab and same_vocabulary(tokenizer, load_tokenizer(tokenizer_path()))
+    assert judge.shared_vocab  # the same tokenizer (same_vocabulary: test_judge_prompts.py)
 
     config = base_config()
     config.judge.from_policy = True
@@ -298,16 +280,3 @@ def test_vocabulary_detection_and_load_judge(model, tokenizer, judge, score_ids,
     with jax.set_mesh(mesh):
         random_judge, _ = load_judge(config, mesh, tokenizer)
     assert random_judge.prompt_length == judge.prompt_length - CONTEXT_TOKENS + 16
-
-
-def test_piecewise_ids_are_the_whole_prompts_tokenization(model, tokenizer):
-    """The judge reads pieces tokenized one by one; on the shipped tokenizer that is exactly the
-    tokenization of the whole rendered prompt (within budget), i.e. a normal chat for the judge."""
-    roomy = RubricJudge(model, tokenizer, max_context_tokens=1024, max_response_tokens=256)
-    train, _ = load_samples(sample_path(), "train")
-    for sample in train[:12]:
-        completion = sample.target + "<|im_end|>"
-        tokens, mask = (np.asarray(x) for x in roomy.full_prompts(roomy.assemble_texts([completion], [sample])))
-        whole = tokenizer.encode(roomy.template.render("".join(rubric.context_parts(sample)), parse_spans(sample.target)["response"], 0))
-        suffix = tokenizer.encode(roomy.template.suffixes[0])
-        assert list(tokens[0][mask[0] > 0]) + suffix == whole

@@ -27,7 +27,7 @@ from kardia_jax.models import from_pretrained, positions_from_mask, to_hf_config
 from kardia_jax.data.sources import training_texts
 from kardia_jax.models.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from kardia_jax.rehearsal import hub
-from kardia_jax.rewards.judge import same_vocabulary
+from kardia_jax.rewards.judge_prompts import same_vocabulary
 
 # hub id -> (family, num_kv_heads of the 4-head stand-in, tie_word_embeddings), from the real models.
 MODELS = {

@@ -259,9 +259,9 @@ def _abstract_params():
                         nnx.to_pure_dict(nnx.state(model)))
 
 
-def _restore(workdir, step, data_iterator=False):
+def _restore(workdir, step, data_iterator=None):
     with checkpoints.Checkpointer(os.path.join(workdir, "sft"), async_save=False) as ckpt:
-        return ckpt.restore(step, _abstract_params(), restore_data_iterator=data_iterator)
+        return ckpt.restore(step, _abstract_params(), data_iterator=data_iterator)
 
 
 def _checkpoint_params(workdir, step):
@@ -315,14 +315,13 @@ def test_interrupted_run_resumes_with_the_same_params_and_next_batch(reference_r
     # The saved iterator position gives the batch an uninterrupted run would take next.
     with checkpoints.Checkpointer(os.path.join(tmp_path, "sft")) as ckpt:
         assert ckpt.all_steps() == [3]
-    saved = _restore(tmp_path, 3, data_iterator=True).data_iterator_state
     pipeline = sft_pipeline(samples, tokenizer, BatchConfig(global_batch_size=16, max_length=MAX_LENGTH, seed=0),
                         subset="all")
     fresh = iter(pipeline)
     for _ in range(3):
         next(fresh)
     resumed_iterator = iter(pipeline)
-    resumed_iterator.set_state(saved)
+    _restore(tmp_path, 3, data_iterator=resumed_iterator)  # moves it to the saved position
     jax.tree.map(np.testing.assert_array_equal, next(resumed_iterator), next(fresh))
 
     resumed = sft.run(config)

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 
 import gcsfs
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -308,16 +309,19 @@ def test_checkpointer_saves_and_restores_on_gcs(gcs_dir):
     abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
     with Checkpointer(f"{gcs_dir}/sft", max_to_keep=2) as ckpt:
+        iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
         for step in (1, 2, 3):
-            ckpt.save(step, params, opt_state, data_iterator_state={"next_index": step}, rng=jax.random.key(step),
+            next(iterator)
+            ckpt.save(step, params, opt_state, data_iterator=iterator, rng=jax.random.key(step),
                       metadata={"model": "tiny"}, force=True)
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [2, 3]
     assert storage.listdir(f"{gcs_dir}/sft") == ["2", "3"]
 
     with Checkpointer(f"{gcs_dir}/sft") as ckpt:  # a new process's view: what is on the bucket
-        restored = ckpt.restore_latest(abstract(params), abstract(opt_state))
-    assert restored.step == 3 and restored.data_iterator_state == {"next_index": 3}
+        resumed = iter(grain.MapDataset.range(10).to_iter_dataset())
+        restored = ckpt.restore_latest(abstract(params), abstract(opt_state), data_iterator=resumed)
+    assert restored.step == 3 and next(resumed) == 3  # the iterator continues after the 3 items read
     assert restored.metadata == {"model": "tiny"}
     np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(jax.random.key(3)))
     jax.tree.map(np.testing.assert_array_equal, restored.params, params)

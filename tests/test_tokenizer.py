@@ -40,30 +40,25 @@ def _assert_markers_are_single_round_tripping_ids(tok):
     assert "<|" not in tok.decode(tok.encode(text), skip_special_tokens=True)
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    return tokenizer_lib.load_tokenizer(tokenizer_lib.tokenizer_path())
-
-
-def test_shipped_tokenizer_has_markers_chatml_ids_and_loads_with_auto_tokenizer(shipped):
-    _assert_markers_are_single_round_tripping_ids(shipped)
-    assert isinstance(shipped, tokenizer_lib.HFTokenizer) and shipped.num_added_tokens == 0
-    assert 1024 <= shipped.vocab_size <= preset("tiny-kardia").vocab_size  # the demo policy's embedding fits it
-    assert shipped.eos_id == shipped.encode("<|im_end|>")[0] and shipped.stop_ids[0] == shipped.eos_id
-    assert shipped.pad_id == shipped.encode("<|endoftext|>")[0]
+def test_shipped_tokenizer_has_markers_chatml_ids_and_loads_with_auto_tokenizer(tokenizer):
+    _assert_markers_are_single_round_tripping_ids(tokenizer)
+    assert isinstance(tokenizer, tokenizer_lib.HFTokenizer) and tokenizer.num_added_tokens == 0
+    assert 1024 <= tokenizer.vocab_size <= preset("tiny-kardia").vocab_size  # the demo policy's embedding fits it
+    assert tokenizer.eos_id == tokenizer.encode("<|im_end|>")[0] and tokenizer.stop_ids[0] == tokenizer.eos_id
+    assert tokenizer.pad_id == tokenizer.encode("<|endoftext|>")[0]
     hf = transformers.AutoTokenizer.from_pretrained(tokenizer_lib.tokenizer_path())
-    assert hf.encode(CHAT[2]["content"], add_special_tokens=False) == shipped.encode(CHAT[2]["content"])
+    assert hf.encode(CHAT[2]["content"], add_special_tokens=False) == tokenizer.encode(CHAT[2]["content"])
 
 
-def test_chatml_rendering(shipped):
+def test_chatml_rendering(tokenizer):
     expected = ("<|im_start|>system\nProfile: INFJ.\nSituation: a move.<|im_end|>\n"
                 "<|im_start|>user\nI moved to a new city.<|im_end|>\n"
                 f"<|im_start|>assistant\n{CHAT[2]['content']}<|im_end|>\n"
                 "<|im_start|>user\nYes, it is quiet.<|im_end|>\n")
-    assert shipped.render_chat(CHAT, add_generation_prompt=False) == expected
-    with_prompt = shipped.render_chat(CHAT, add_generation_prompt=True)
+    assert tokenizer.render_chat(CHAT, add_generation_prompt=False) == expected
+    with_prompt = tokenizer.render_chat(CHAT, add_generation_prompt=True)
     assert with_prompt == expected + "<|im_start|>assistant\n"
-    assert shipped.decode(shipped.encode_chat(CHAT, add_generation_prompt=True)) == with_prompt
+    assert tokenizer.decode(tokenizer.encode_chat(CHAT, add_generation_prompt=True)) == with_prompt
 
 
 def test_committed_tokenizer_equals_a_fresh_training(tmp_path):
@@ -93,7 +88,7 @@ def test_hf_tokenizer_without_markers_gets_them_added(tmp_path):
     assert tok.render_chat(CHAT[:2], add_generation_prompt=True).endswith("<|im_start|>assistant\n")  # ChatML
 
 
-def test_hf_template_without_system_role_folds_the_system_message(shipped):
+def test_hf_template_without_system_role_folds_the_system_message(tokenizer):
     gemma_like = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
                   "{% endif %}{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\\n' + m['content'] "
                   "+ '<end_of_turn>\\n' }}{% endfor %}")

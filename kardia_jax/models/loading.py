@@ -1,7 +1,11 @@
-"""Loading a model onto the mesh and saving it for the next stage: the policy (a Hugging Face checkpoint
-or a random preset, with its tokenizer, the embedding grown to fit the span markers), a randomly
-initialized model created already sharded, and the Hugging Face export (safetensors, config, generation
-config, tokenizer) published whole, locally or on gs://.
+"""Loading a model onto the mesh and saving it for the next stage.
+
+`load_model` builds the Decoder of a model section, a Hugging Face checkpoint or a random preset created
+already sharded: the policy's (`config.model`, by `load_policy`, with its tokenizer and the embedding grown
+to fit the span markers) and the rubric judge's (`config.judge`, by `rewards.judge.load_judge`, frozen,
+with its own sharding rules; `frozen_copy` makes a judge of the policy's weights). `abstract_model` is the
+same layout as sharded abstract values, for ahead-of-time compiles. `export_hf` writes the Hugging Face
+export (safetensors, config, generation config, tokenizer) published whole, locally or on gs://.
 
     with jax.set_mesh(mesh):
         model, tokenizer = load_policy(config, mesh)           # sharded Decoder + its tokenizer
@@ -17,6 +21,7 @@ import tempfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from flax import nnx
@@ -31,74 +36,103 @@ from kardia_jax.models.weights import from_pretrained, resize_vocab, save_pretra
 VOCAB_MULTIPLE = 64  # a preset grown to fit a tokenizer is padded to a multiple of this
 
 
-def model_overrides(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The ModelConfig fields a config's `model.*` section sets on top of a preset or checkpoint."""
-    keys = ("param_dtype", "dtype", "remat", "scan_layers")
-    return {key: model_config[key] for key in keys}
+def model_overrides(section: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ModelConfig fields a model section sets on top of a preset or checkpoint: its dtypes, and
+    `remat` and `scan_layers` where it has them (`config.model`). A section without `remat` (`config.judge`:
+    frozen, never differentiated) gets remat "none"."""
+    overrides = {"param_dtype": section.param_dtype, "dtype": section.dtype, "remat": section.get("remat", "none")}
+    if "scan_layers" in section:
+        overrides["scan_layers"] = section.scan_layers
+    return overrides
+
+
+def abstract_model(model_config: ModelConfig, mesh: Mesh, rules: sharding.Rules) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state): a Decoder's graph and its parameters as `jax.ShapeDtypeStruct`s that carry their
+    NamedSharding over `mesh` (from each parameter's logical axes and `rules`). Traced abstractly
+    (`nnx.eval_shape`): nothing is materialized. The layout `init_model` and `frozen_copy` create into,
+    and the parameters an ahead-of-time compile takes."""
+    rules = tuple(rules)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0), rules=rules)))
+    shardings = sharding.state_shardings(state, rules, mesh)
+    state = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s)),
+        state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return graphdef, state
+
+
+def _shardings(abstract_state: nnx.State):
+    return jax.tree.map(lambda x: x.sharding, abstract_state)
 
 
 def init_model(model_config: ModelConfig, mesh: Mesh, rules: sharding.Rules, seed: int = 0) -> Decoder:
     """A randomly initialized Decoder whose parameters are created already sharded over `mesh`.
 
-    The init function is traced abstractly first (`nnx.eval_shape`) to read each parameter's logical
-    axes, then jitted with those shardings as `out_shardings`: every device computes only its shard,
-    and no device ever holds the whole model.
+    The init function is jitted with `abstract_model`'s shardings as `out_shardings`: every device
+    computes only its shard, and no device ever holds the whole model.
     """
     rules = tuple(rules)
+    graphdef, abstract = abstract_model(model_config, mesh, rules)
+    create = lambda: nnx.split(Decoder(model_config, rngs=nnx.Rngs(seed), rules=rules))[1]
+    return nnx.merge(graphdef, jax.jit(create, out_shardings=_shardings(abstract))())
 
-    def create() -> Decoder:
-        return Decoder(model_config, rngs=nnx.Rngs(seed), rules=rules)
 
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
-    shardings = sharding.state_shardings(abstract_state, rules, mesh)
-    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+def frozen_copy(model: Decoder, mesh: Mesh, rules: sharding.Rules, **overrides) -> Decoder:
+    """A copy of `model` in new buffers, its config changed by `overrides` (e.g. a frozen judge's dtypes),
+    its parameters cast to that param_dtype and sharded over `mesh` by `rules`. Updates of `model` that
+    donate its buffers leave the copy intact."""
+    model_config = model.config.replace(**overrides)
+    graphdef, abstract = abstract_model(model_config, mesh, rules)
+    dtype = jnp.dtype(model_config.param_dtype)
+    copied = jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), nnx.split(model)[1])
+    return nnx.merge(graphdef, jax.device_put(copied, _shardings(abstract)))
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def load_policy(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Decoder, Tokenizer]:
-    """The policy named by `config.model` (HF checkpoint or random preset) sharded over `mesh` with
-    `config.rules`, and the tokenizer of `config.tokenizer.path` (empty: the shipped one).
+def load_model(section: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: Mesh, rules: sharding.Rules,
+               seed: int = 0, *, name: str = "model", grow_vocab: bool = True) -> Decoder:
+    """The Decoder a model section (`config.model`, `config.judge`; `name` is its key, for messages)
+    names: `section.hf_path`, a Hugging Face checkpoint (local, gs:// or hub id), else `section.preset`,
+    random init created sharded (`seed`); with the section's `model_overrides`, sharded over `mesh` by
+    `rules`. The caller checks that exactly one of the two is set.
 
-    If the tokenizer has ids the model's embedding lacks, the embedding grows to fit: for a checkpoint
-    only when the extra ids are the span markers the tokenizer added (their rows start at the mean
-    embedding); a tokenizer whose own vocabulary is larger than the checkpoint's belongs to another
-    model and is an error.
+    The tokenizer's ids must fit the embedding. grow_vocab=True (the policy): a preset is initialized
+    with a vocabulary grown to fit (to a multiple of VOCAB_MULTIPLE); a checkpoint's embedding grows by
+    the span markers the tokenizer added (their rows start at the mean embedding), and a tokenizer whose
+    own vocabulary is larger than the checkpoint's belongs to another model: an error. grow_vocab=False
+    (a frozen judge, which never reads the span markers): a preset too small is an error; a checkpoint is
+    loaded as it is.
     """
-    tokenizer = load_tokenizer(config.tokenizer.path or tokenizer_path(), key="tokenizer.path")
-    rules = sharding.rules_from_config(config.rules)
-    overrides = model_overrides(config.model)
-    hf_path, preset_name = config.model.hf_path, config.model.preset
-    if bool(hf_path) == bool(preset_name):
-        raise ValueError(
-            f"config.model: set exactly one of model.preset (random init; one of the presets in "
-            f"kardia_jax/models/config.py) and model.hf_path (a Hugging Face checkpoint directory); got "
-            f"preset={preset_name!r}, hf_path={hf_path!r}."
-        )
-
-    if preset_name:
-        model_config = preset(preset_name, **overrides)
+    overrides = model_overrides(section)
+    if not section.hf_path:
+        model_config = preset(section.preset, **overrides)
         if tokenizer.vocab_size > model_config.vocab_size:
+            if not grow_vocab:
+                raise ValueError(f"config.{name}.preset={section.preset!r} has vocab {model_config.vocab_size} < "
+                                 f"the tokenizer's {tokenizer.vocab_size} ids; pick a larger preset.")
             grown = _round_up(tokenizer.vocab_size, VOCAB_MULTIPLE)
             logging.warning("Preset %r has vocab %d < the tokenizer's %d ids: initializing it with vocab %d.",
-                            preset_name, model_config.vocab_size, tokenizer.vocab_size, grown)
+                            section.preset, model_config.vocab_size, tokenizer.vocab_size, grown)
             model_config = model_config.replace(vocab_size=grown)
-        model = init_model(model_config, mesh, rules, seed=config.seed)
-        logging.info("Policy: preset %r, %.2fM parameters, random init (seed %d).", preset_name,
-                     model_config.num_params() / 1e6, config.seed)
-        return model, tokenizer
+        model = init_model(model_config, mesh, rules, seed=seed)
+        logging.info("config.%s: preset %r, %.2fM parameters, random init (seed %d).", name, section.preset,
+                     model_config.num_params() / 1e6, seed)
+        return model
 
-    model = from_pretrained(hf_path, mesh=mesh, rules=rules, **overrides)
+    model = from_pretrained(section.hf_path, mesh=mesh, rules=rules, key=f"{name}.hf_path", **overrides)
+    logging.info("config.%s: %s, %.2fM parameters.", name, section.hf_path, model.config.num_params() / 1e6)
+    if not grow_vocab:
+        return model
     base_vocab = tokenizer.vocab_size - tokenizer.num_added_tokens  # ids the tokenizer came with
     if base_vocab > model.config.vocab_size:
         raise ValueError(
-            f"{hf_path}: the model's vocabulary has {model.config.vocab_size} ids but the tokenizer at "
-            f"{config.tokenizer.path or tokenizer_path()!r} already has {base_vocab} before adding the span "
-            "markers, so it is not this model's tokenizer. Set tokenizer.path to the checkpoint's own "
-            "tokenizer (often the same directory as model.hf_path)."
+            f"{section.hf_path}: the model's vocabulary has {model.config.vocab_size} ids but the tokenizer of "
+            f"config.{name} already has {base_vocab} before adding the span markers, so it is not this model's "
+            f"tokenizer. Set its tokenizer path to the checkpoint's own tokenizer (often the same directory as "
+            f"{name}.hf_path)."
         )
     if tokenizer.num_added_tokens:
         added = list(range(base_vocab, tokenizer.vocab_size))
@@ -107,7 +141,22 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Decoder,
                      "embedding, vocab %d -> %d.", len(added), added[0], added[-1], model.config.vocab_size,
                      new_size)
         resize_vocab(model, new_size, new_token_ids=added)
-    logging.info("Policy: %s, %.2fM parameters.", hf_path, model.config.num_params() / 1e6)
+    return model
+
+
+def load_policy(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Decoder, Tokenizer]:
+    """The policy named by `config.model` (HF checkpoint or random preset, `load_model`) sharded over
+    `mesh` with `config.rules`, and the tokenizer of `config.tokenizer.path` (empty: the shipped one),
+    the embedding grown to fit it."""
+    hf_path, preset_name = config.model.hf_path, config.model.preset
+    if bool(hf_path) == bool(preset_name):
+        raise ValueError(
+            f"config.model: set exactly one of model.preset (random init; one of the presets in "
+            f"kardia_jax/models/config.py) and model.hf_path (a Hugging Face checkpoint directory); got "
+            f"preset={preset_name!r}, hf_path={hf_path!r}."
+        )
+    tokenizer = load_tokenizer(config.tokenizer.path or tokenizer_path(), key="tokenizer.path")
+    model = load_model(config.model, tokenizer, mesh, sharding.rules_from_config(config.rules), config.seed)
     return model, tokenizer
 
 

@@ -1,7 +1,7 @@
 """The rubric the judge reads: its instructions, the five criteria, and the layout of its prompt.
 
-Everything a reader needs to know about *what* the judge is asked lives here; `judge.py` only turns
-it into token ids and reads the answer.
+Everything a reader needs to know about *what* the judge is asked lives here; `judge_prompts.py` turns
+it into token ids and `judge.py` reads the answer.
 
 The prompt of one (completion, criterion) pair is a chat in the judge's own chat format: one user
 turn that holds the whole rubric and the material to rate, then the start of the judge's reply, which
@@ -29,7 +29,7 @@ The prompt is cut into five text pieces around the two variable parts:
 
     HEAD  [persona + situation + conversation]  MID  [response span]  TAIL  + SUFFIX_c
 
-`judge.py` tokenizes each piece on its own and concatenates the ids (HEAD, MID, TAIL and the
+`judge_prompts.py` tokenizes each piece on its own and concatenates the ids (HEAD, MID, TAIL and the
 suffixes once; the context once per prompt; the response per completion). Pieces end or start at a
 newline, where tokenizers split anyway, so the ids are what tokenizing the whole text would give in
 all but rare cases (e.g. a response ending in punctuation that a byte-level BPE would merge with the
@@ -143,7 +143,7 @@ def context_parts(sample: TurnSample) -> tuple[str, str]:
 
     profile: the persona, the situation and the header of the conversation; conversation: one
     "User: …" / "Assistant: …" line per earlier message (assistant turns reduced to their response span).
-    Concatenated they fill the context slot; judge.py truncates them separately (oldest conversation
+    Concatenated they fill the context slot; judge_prompts.py truncates them separately (oldest conversation
     first) when they exceed the context budget.
     """
     profile = f"{sample.persona.strip()}\nSituation: {sample.situation.strip()}\n\nConversation so far:\n"
