@@ -70,7 +70,6 @@ from kardia_jax.models import loading, positions_from_mask  # noqa: E402
 from kardia_jax.models.config import DTYPES, ModelConfig, preset  # noqa: E402
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path  # noqa: E402
 from kardia_jax.rewards.judge import RubricJudge  # noqa: E402
-from kardia_jax.rewards.judge import model_overrides as judge_overrides  # noqa: E402
 from kardia_jax.train import Rollout, Steps  # noqa: E402
 
 GIB = 1 << 30
@@ -185,7 +184,7 @@ def build_phases(config: ml_collections.ConfigDict, mesh, policy: ModelConfig, j
     """The phases `names` of `config` on `mesh`, for the policy and judge architectures given."""
     g, s = config.grpo, config.sft
     rules = sharding.rules_from_config(config.rules)
-    graphdef, params = loading.abstract_params(policy, mesh, rules)
+    graphdef, params = loading.abstract_model(policy, mesh, rules)
     optimizer = training.make_optimizer(g.learning_rate, g.warmup_steps, 1000, g.weight_decay, g.grad_clip)
     opt_shardings = training.optimizer_shardings(optimizer, params)  # as `training.init_optimizer` lays it out
     opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
@@ -193,7 +192,7 @@ def build_phases(config: ml_collections.ConfigDict, mesh, policy: ModelConfig, j
     tokenizer = load_tokenizer(tokenizer_path())  # the real ones cannot be read here: prompts err long
     judge, judge_params = None, {}
     if judge_model is not None:
-        judge_graphdef, judge_params = loading.abstract_params(judge_model, mesh,
+        judge_graphdef, judge_params = loading.abstract_model(judge_model, mesh,
                                                                sharding.rules_from_config(config.judge.rules))
         judge = RubricJudge.from_config(nnx.merge(judge_graphdef, judge_params), config.judge, tokenizer, tokenizer)
     compute = DTYPES[policy.dtype]
@@ -383,7 +382,7 @@ def compile_config(config: ml_collections.ConfigDict, topology: str, names) -> l
     judge_model = None
     if config.grpo.reward_weights.rubric > 0 and "score" in names:
         judge_arch = architecture(config.model if config.judge.from_policy else config.judge, "judge")
-        judge_model = preset(judge_arch, **judge_overrides(config.judge))
+        judge_model = preset(judge_arch, **loading.model_overrides(config.judge))
     g = config.grpo
     print(f"{topology}: {len(devices)} x {devices[0].device_kind} ({chip.name}: {chip.hbm_gib:.0f} GiB, "
           f"{chip.bf16_tflops:.0f} TFLOP/s bf16, {chip.hbm_gbps:.0f} GB/s), mesh {dict(mesh.shape)}; policy "

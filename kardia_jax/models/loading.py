@@ -225,15 +225,3 @@ def export_hf(graphdef, params, tokenizer, directory: str) -> None:
         storage.publish_dir(stage, directory)
     elif remote:
         os.rmdir(stage)  # this process wrote nothing into it
-
-
-def abstract_params(model_config: ModelConfig, mesh: Mesh, rules: sharding.Rules):
-    """(graphdef, nnx.State of ShapeDtypeStructs sharded over `mesh` by `rules`) of a Decoder: its
-    shapes and layout without any memory (ahead-of-time compiles, `kardia_jax.aot`)."""
-    rules = tuple(rules)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0), rules=rules)))
-    shardings = sharding.state_shardings(state, rules, mesh)
-    state = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s)),
-        state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return graphdef, state
