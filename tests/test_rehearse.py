@@ -1,7 +1,9 @@
 """The pod rehearsal: TPU configs' SFT -> GRPO -> evaluation as 2 JAX processes with hub ids, hf:// data
 and a gs:// workdir served locally; kill, SIGTERM and resume; and the rehearsal's refusals.
 
-The end-to-end runs start `python -m kardia_jax.rehearse` as a user would (each process of it with its
+The end-to-end run (the fault run of gemma7b_tpu, whose judge re-tokenizes on every process: the
+multi-process path with host callbacks; the other TPU configs rehearse the same way by hand, to keep CI
+short) starts `python -m kardia_jax.rehearse` as a user would (each process of it with its
 own 4 CPU devices) and read what it printed: the jobs' exit codes, the objects they wrote to the
 emulated bucket, the reward table and the exports that transformers loaded.
 """
@@ -78,17 +80,11 @@ def _check_end_to_end(out: str, name: str) -> None:
                          r"model \(\d+ parameters\)", out), export
 
 
-def test_rehearsal_runs_sft_grpo_and_evaluation_as_two_processes():
-    """qwen7b_tpu: policy and judge share a vocabulary, so the judge's input is assembled on device."""
-    out = _rehearse("--config=configs/qwen7b_tpu.py")
-    assert out.count("2 processes x 4 CPU devices") == 4  # the rehearsal, sft, grpo, evaluate
-    _check_end_to_end(out, "qwen7b_tpu")
-
-
 def test_rehearsal_survives_sigkill_during_a_save_and_sigterm_and_resumes_exactly():
     """gemma7b_tpu (its Qwen3 judge re-tokenizes the completions on every process), with faults: SIGKILL
     while a checkpoint is written, SIGTERM, two restarts, and the same parameters as an uninterrupted run."""
     out = _rehearse("--config=configs/gemma7b_tpu.py", "--faults", "--config.grpo.max_steps=6")
+    assert out.count("2 processes x 4 CPU devices") >= 4  # the rehearsal, sft, grpo (4 launches), evaluate
     _check_end_to_end(out, "gemma7b_tpu")
     assert "killed while step 4 was being written; newest complete checkpoint: 2" in out
     assert "SIGTERM: every process exited 0" in out
