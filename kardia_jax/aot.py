@@ -64,13 +64,13 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from kardia_jax import console, sft, sharding, training  # noqa: E402
+from kardia_jax import console, optim, sft, sharding  # noqa: E402
 from kardia_jax import config as config_lib  # noqa: E402
 from kardia_jax.models import loading, positions_from_mask  # noqa: E402
 from kardia_jax.models.config import DTYPES, ModelConfig, preset  # noqa: E402
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path  # noqa: E402
 from kardia_jax.rewards.judge import RubricJudge  # noqa: E402
-from kardia_jax.train import Rollout, Steps  # noqa: E402
+from kardia_jax.grpo.steps import Rollout, Steps  # noqa: E402
 
 GIB = 1 << 30
 
@@ -185,8 +185,9 @@ def build_phases(config: ml_collections.ConfigDict, mesh, policy: ModelConfig, j
     g, s = config.grpo, config.sft
     rules = sharding.rules_from_config(config.rules)
     graphdef, params = loading.abstract_model(policy, mesh, rules)
-    optimizer = training.make_optimizer(g.learning_rate, g.warmup_steps, 1000, g.weight_decay, g.grad_clip)
-    opt_shardings = training.optimizer_shardings(optimizer, params)  # as `training.init_optimizer` lays it out
+    params = nnx.to_pure_dict(params)  # the trainers' representation (`scaffold.split_params`)
+    optimizer = optim.make_optimizer(g.learning_rate, g.warmup_steps, 1000, g.weight_decay, g.grad_clip)
+    opt_shardings = optim.optimizer_shardings(optimizer, params)  # as `optim.init_optimizer` lays it out
     opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                              jax.eval_shape(optimizer.init, params), opt_shardings)
     tokenizer = load_tokenizer(tokenizer_path())  # the real ones cannot be read here: prompts err long
@@ -211,7 +212,7 @@ def build_phases(config: ml_collections.ConfigDict, mesh, policy: ModelConfig, j
     phases = {}
     if "sft" in names:
         length, rows_sft = config.data.max_length, s.global_batch_size
-        sft_optimizer = training.make_optimizer(s.learning_rate, 0, 1000, s.weight_decay, s.grad_clip)
+        sft_optimizer = optim.make_optimizer(s.learning_rate, 0, 1000, s.weight_decay, s.grad_clip)
         step = sft.make_train_step(graphdef, sft_optimizer, num_microbatches=s.grad_accum_steps,
                                    param_shardings=jax.tree.map(lambda x: x.sharding, params),
                                    opt_shardings=opt_shardings, chunk_size=s.logits_chunk_size, rules=rules)

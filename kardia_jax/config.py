@@ -37,7 +37,7 @@ from kardia_jax import sharding
 from kardia_jax.data.pipeline import OVERLONG, SUBSETS
 from kardia_jax.data.prompts import DIFFICULTY_RULES, HISTORY_MODES
 from kardia_jax.data.sources import ON_BAD_ROW
-from kardia_jax.grpo import KL_ESTIMATORS, LOSS_AGGREGATIONS, REWARD_SCALINGS
+from kardia_jax.grpo.loss import KL_ESTIMATORS, LOSS_AGGREGATIONS, REWARD_SCALINGS
 from kardia_jax.models.config import DTYPES, HUB_ARCHITECTURES, PRESETS, REMAT_POLICIES, ModelConfig
 from kardia_jax.rewards.combine import DEFAULT_WEIGHTS
 
@@ -148,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.top_k = 0  # 0: off
     c.grpo.top_p = 1.0  # 1: off
     c.grpo.beta = 0.04  # KL coefficient (0: no reference model)
-    c.grpo.kl_estimator = "k3"  # k1, k2 or k3 (kardia_jax/grpo.py)
+    c.grpo.kl_estimator = "k3"  # k1, k2 or k3 (kardia_jax/grpo/loss.py)
     c.grpo.epsilon_low = 0.2  # clip range of the ratio: [1 - low, 1 + high]
     c.grpo.epsilon_high = 0.2
     c.grpo.loss_aggregation = "token_mean"  # token_mean, seq_mean_token_mean or dr_grpo

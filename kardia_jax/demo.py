@@ -15,6 +15,7 @@ from absl import app
 from ml_collections import config_flags
 
 from kardia_jax import console, sft, train
+from kardia_jax.grpo import report
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py", "Config file (get_config()).")
 
@@ -31,7 +32,7 @@ def main(argv):
         print(f"GRPO stopped early at step {result['steps']} (preempted); rerun to resume.")
         return
     print(f"GRPO: {result['steps']} steps. Reward components of greedy test-split completions:")
-    print(train.format_table(result["before"], result["after"]))
+    print(report.format_table(result["before"], result["after"]))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from kardia_jax.models import loading
-from kardia_jax import checkpoints, console, sharding, storage, training
+from kardia_jax import checkpoints, console, scaffold, sharding, storage
 from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
@@ -119,7 +119,7 @@ def generate_completions(model: Decoder, tokenizer: Tokenizer, samples: Sequence
     sampler = make_sampler(graphdef, SamplingConfig(
         num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tuple(tokenizer.stop_ids),
         pad_id=tokenizer.pad_id))
-    place = (lambda x: training.replicate(x, mesh)) if mesh is not None else (lambda x: x)
+    place = (lambda x: scaffold.replicate(x, mesh)) if mesh is not None else (lambda x: x)
     key = jax.random.key(0)  # unused by greedy decoding
 
     indices, texts, lengths, truncated = [], [], [], []
@@ -188,7 +188,7 @@ def eval_samples(config: ml_collections.ConfigDict, split: str | None = None, ma
     """The turn samples of the evaluation split (config.data.test_split), the first `max_samples`
     (config.sft.eval_max_samples; 0: all)."""
     data = config.data
-    samples, _ = load_samples(training.data_source(data), split or data.test_split, data.on_bad_row,
+    samples, _ = load_samples(scaffold.data_source(data), split or data.test_split, data.on_bad_row,
                               DifficultyRule(kind=data.difficulty_rule), data.history)
     limit = config.sft.eval_max_samples if max_samples is None else max_samples
     return samples[:limit] if limit else samples

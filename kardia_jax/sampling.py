@@ -59,6 +59,13 @@ class SamplingConfig:
     pad_id: int = 0  # written after a row has stopped
     decode_segments: int = 4  # while loops over equal spans of the new tokens (see the module doc)
 
+    @classmethod
+    def from_config(cls, section, tokenizer) -> "SamplingConfig":
+        """How a config's `grpo` section samples (the fields it declares), stopping at `tokenizer`'s stop
+        ids and padding with its pad id."""
+        fields = {f.name: section[f.name] for f in dataclasses.fields(cls) if f.name in section}
+        return cls(**fields, stop_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id)
+
 
 class SampleOutput(NamedTuple):
     tokens: jax.Array  # [B·G, T_new] int32; pad_id after the stop token

@@ -41,7 +41,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from kardia_jax.models import loading
-from kardia_jax import checkpoints, console, evaluate, metrics, sharding, training
+from kardia_jax import checkpoints, console, evaluate, metrics, optim, scaffold, sharding
 from kardia_jax import config as config_lib
 from kardia_jax.data.pipeline import BatchConfig, load_samples, sft_pipeline
 from kardia_jax.data.prompts import DifficultyRule
@@ -86,25 +86,14 @@ def sft_loss(model, batch: dict[str, jax.Array], chunk_size: int = LOGITS_CHUNK)
     return nll / jnp.maximum(count, 1.0)
 
 
-def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int, rules=None) -> dict[str, jax.Array]:
-    """[B, T] -> [k, B/k, T] (and [B] -> [k, B/k]); microbatch a holds rows a, k + a, 2k + a, ... so that,
-    with the batch split over devices in contiguous blocks, every microbatch is spread evenly over all
-    devices and the split moves no data between them."""
-    k = num_microbatches
-
-    def split(x):
-        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-        return sharding.constrain(x, (None, "activation_batch", "activation_length")[:x.ndim], rules)  # [k, B/k, (T)]
-
-    return jax.tree.map(split, batch)
-
-
 def accumulated_grads(graphdef: nnx.GraphDef, params, batch: dict[str, jax.Array], num_microbatches: int = 1,
                       chunk_size: int = LOGITS_CHUNK, rules=None):
     """Gradient of the global-batch mean token NLL, accumulated over `num_microbatches` row slices.
 
     Each microbatch's summed NLL is divided by the target-token count of the *whole* batch, so the
-    microbatch gradients add up exactly to the one-big-batch gradient. Returns (grads, loss, tokens).
+    microbatch gradients add up exactly to the one-big-batch gradient. The microbatches are
+    `scaffold.split_minibatches`' (every row its own group: microbatch a holds rows a, k + a, ..., spread
+    over all devices). Returns (grads, loss, tokens).
     """
     total = jnp.maximum(jnp.sum(shifted_targets(batch)[1]), 1.0)
 
@@ -124,7 +113,7 @@ def accumulated_grads(graphdef: nnx.GraphDef, params, batch: dict[str, jax.Array
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
-                                    split_microbatches(batch, num_microbatches, rules))
+                                    scaffold.split_minibatches(batch, num_microbatches, rules=rules))
     return grads, loss, total
 
 
@@ -132,12 +121,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                     param_shardings, opt_shardings, chunk_size: int = LOGITS_CHUNK, rules=None):
     """The jitted `step(params, opt_state, batch) -> (params, opt_state, stats)`; params and opt_state
     are donated and keep their shardings. stats: loss, grad_norm (before clipping), target_tokens.
-    `optimizer` is a `training.make_optimizer` one: a non-finite update leaves params and state as they were."""
+    `optimizer` is an `optim.make_optimizer` one: a non-finite update leaves params and state as they were."""
 
     def step(params, opt_state, batch):
         grads, loss, tokens = accumulated_grads(graphdef, params, batch, num_microbatches, chunk_size, rules)
         updates, opt_state = optimizer.update(grads, opt_state, params, loss=loss)
-        params = training.apply_updates(params, updates, opt_state)
+        params = optim.apply_updates(params, updates, opt_state)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": tokens}
 
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
@@ -178,16 +167,15 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
     workdir = os.path.join(config.workdir, "sft")
     mesh = sharding.mesh_from_config(config.mesh)
     rules = sharding.rules_from_config(config.rules)
-    snapshot = training.config_snapshot(config)
+    snapshot = scaffold.config_snapshot(config)
     with jax.set_mesh(mesh):
         model, tokenizer = loading.load_policy(config, mesh)
         config_lib.check_policy_positions(config, "sft", model.config)
-        graphdef, state = nnx.split(model)
-        params = nnx.to_pure_dict(state)
-        del model, state
+        graphdef, params = scaffold.split_params(model)
+        del model
 
         rule = DifficultyRule(kind=data.difficulty_rule)
-        samples, _ = load_samples(training.data_source(data), data.train_split, data.on_bad_row, rule,
+        samples, _ = load_samples(scaffold.data_source(data), data.train_split, data.on_bad_row, rule,
                                   data.history)
         pipeline = sft_pipeline(samples, tokenizer, BatchConfig(
             global_batch_size=sft.global_batch_size, max_length=data.max_length, overlong=data.overlong,
@@ -202,18 +190,17 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         logging.info("SFT: %d steps (%d per epoch x %d epochs, batch %d in %d microbatch(es)), %d warm-up.",
                      total_steps, pipeline.batches_per_epoch, sft.num_epochs, sft.global_batch_size, k, warmup_steps)
 
-        optimizer = training.make_optimizer(sft.learning_rate, warmup_steps, total_steps, sft.weight_decay,
-                                            sft.grad_clip)
-        opt_state = training.init_optimizer(optimizer, params)
+        optimizer = optim.make_optimizer(sft.learning_rate, warmup_steps, total_steps, sft.weight_decay,
+                                         sft.grad_clip)
+        opt_state = optim.init_optimizer(optimizer, params)
         iterator = iter(pipeline)
         ckpt = checkpoints.Checkpointer(workdir, save_interval_steps=sft.save_every,
                                         max_to_keep=sft.max_to_keep)
-        start, params, opt_state, rng = training.restore_or_init(
-            ckpt, params, opt_state, jax.random.key(config.seed), iterator)
-        training.write_json(os.path.join(workdir, "run_config.json"), snapshot)
+        start, params, opt_state, rng = scaffold.restore_or_init(
+            ckpt, params, opt_state, jax.random.key(config.seed), iterator, snapshot=snapshot)
 
         results_path = os.path.join(workdir, "results.json")
-        stored = training.read_json(results_path)
+        stored = scaffold.read_json(results_path)
         if start >= total_steps and stored is not None:
             logging.info("SFT already finished (%s, step %d): returning its results.", workdir, start)
             ckpt.close()
@@ -221,11 +208,11 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
             return stored
 
         before_path = os.path.join(workdir, "eval_before.json")
-        before = training.read_json(before_path)
+        before = scaffold.read_json(before_path)
         if start == 0:
             logging.info("Evaluating the initial parameters on %d test samples.", len(test_samples))
             before = _evaluate(graphdef, params, tokenizer, test_samples, config, mesh)
-            training.write_json(before_path, before)
+            scaffold.write_json(before_path, before)
             logging.info("Before SFT: %s", before)
 
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -233,43 +220,32 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         train_step = make_train_step(graphdef, optimizer, num_microbatches=k, param_shardings=param_shardings,
                                      opt_shardings=opt_shardings, chunk_size=sft.logits_chunk_size, rules=rules)
         final_loss = None
-        nonfinite_limit = training.nonfinite_limit(sft, "sft")
         with metrics.MetricsLogger(workdir) as logger, checkpoints.PreemptionGuard() as preemption:
             logger.progress(total_steps, metrics.Console("sft", CONSOLE_FIGURES, CONSOLE_SUMMARY, sft.log_every),
                             initial_step=start)
+            end = scaffold.StepEnd(
+                section="sft", limit=optim.nonfinite_limit(sft, "sft"),
+                schedule=optim.make_schedule(sft.learning_rate, warmup_steps, total_steps), total_steps=total_steps,
+                ckpt=ckpt, logger=logger, preemption=preemption, iterator=iterator, metadata=snapshot)
             clock, tokens_seen = time.perf_counter(), 0
             for step in range(start, total_steps):
                 host_batch = next(iterator)
-                params, opt_state, stats = train_step(params, opt_state, training.shard_batch(host_batch, mesh))
+                params, opt_state, stats = train_step(params, opt_state, scaffold.shard_batch(host_batch, mesh))
                 tokens_seen += int(host_batch["input_mask"].sum()) * jax.process_count()
                 done = step + 1
-                progress = training.optimizer_progress(opt_state)  # waits for the step
+                progress = optim.optimizer_progress(opt_state)  # waits for the step
+                logged = None
                 # A skipped (non-finite) step is always logged.
                 if (done % sft.log_every == 0 or done == total_steps or done == stop_after
                         or progress.consecutive_nonfinite):
                     stats = jax.device_get(stats)
-                    elapsed = time.perf_counter() - clock
                     final_loss = float(stats["loss"])
-                    logger.log(done, {
-                        "loss": stats["loss"], "grad_norm": stats["grad_norm"],
-                        "learning_rate": training.learning_rate_at(sft.learning_rate, warmup_steps, total_steps,
-                                                                   progress.latest_update),
-                        "tokens_per_second": tokens_seen / elapsed, "target_tokens": stats["target_tokens"],
-                    } | progress.metrics())
+                    logged = {"loss": stats["loss"], "grad_norm": stats["grad_norm"],
+                              "tokens_per_second": tokens_seen / (time.perf_counter() - clock),
+                              "target_tokens": stats["target_tokens"]}
                     clock, tokens_seen = time.perf_counter(), 0
-                logger.advance(done)
-                error = training.nonfinite_error(progress, section="sft", limit=nonfinite_limit, step=done,
-                                                 stats=stats, checkpoint_dir=ckpt.directory)
-                if error is not None:
-                    ckpt.close()  # waits for pending saves, all of finite parameters
-                    raise error
-                stop = preemption.reached(done) or (stop_after > 0 and done >= stop_after)
-                ckpt.save(done, params, opt_state, data_iterator=iterator, rng=rng,
-                          metadata=snapshot, force=stop or done == total_steps)
-                if stop and done < total_steps:
-                    ckpt.close()
-                    logging.warning("SFT stopped at step %d of %d: checkpoint saved; rerun to resume.", done,
-                                    total_steps)
+                if end(done, progress, params, opt_state, rng, stats, logged,
+                       stop=stop_after > 0 and done >= stop_after):
                     return {"steps": done, "stopped_at": done, "start_step": start, "before": before,
                             "final_loss": final_loss}
         ckpt.close()  # waits for the last save
@@ -279,7 +255,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
     metrics.plot_curves(os.path.join(workdir, metrics.METRICS_FILENAME), PLOT_PANELS, os.path.join(workdir, "loss.png"),
                         title="SFT")
     results = _summary(before, after, total_steps) | {"final_loss": final_loss, "start_step": start}
-    training.write_json(results_path, results)
+    scaffold.write_json(results_path, results)
     _print_results(results, workdir)
     return results
 

@@ -363,3 +363,20 @@ def test_worker_processes_give_the_same_batches(train_samples, tokenizer):
 
     assert all(np.array_equal(a, b) for a, b in zip(batches(0), batches(2)))
 
+
+
+class _Lengths:
+    """A per-sample context of fixed shape (a class, so Grain's worker processes could unpickle it)."""
+
+    def __call__(self, samples):
+        return {"ids": np.array([[len(s.target), len(s.prompt)] for s in samples], np.int32)}  # [n, 2]
+
+
+def test_grpo_batches_carry_each_prompts_context_rows(train_samples, tokenizer):
+    """grpo_pipeline(contexts=...): each batch holds, under judge_context, the rows of its own prompts."""
+    config = pipeline.BatchConfig(global_batch_size=4, max_length=256, seed=1)
+    pipe = pipeline.grpo_pipeline(train_samples, tokenizer, config, subset="all", contexts=_Lengths())
+    for batch in list(pipe)[:3]:
+        expected = _Lengths()([pipe.samples[i] for i in batch["sample_index"]])["ids"]
+        np.testing.assert_array_equal(batch["judge_context"]["ids"], expected)
+    assert "judge_context" not in next(iter(pipeline.grpo_pipeline(train_samples, tokenizer, config, subset="all")))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers_training import tiny_config
 from kardia_jax.models import loading
 from kardia_jax import checkpoints, evaluate, sharding
-from kardia_jax.config import base_config
 from kardia_jax.data.pipeline import load_samples
 from kardia_jax.data.sources import sample_path
 from kardia_jax.spans import join_spans
@@ -76,16 +76,9 @@ def test_format_comparison():
         "format-valid rate: n/a -> 1.00"
 
 
-def _config(**model):
-    config = base_config()
-    config.model.preset = "tiny-qwen2"
-    config.update_from_flattened_dict({f"model.{k}": v for k, v in model.items()})
-    return config
-
-
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    config = _config()
+    config = tiny_config()
     mesh = sharding.mesh_from_config(config.mesh)
     with jax.set_mesh(mesh):
         model, _ = loading.load_policy(config, mesh)
@@ -151,7 +144,7 @@ def test_load_checkpoint_from_hf_dir_and_orbax(tiny, tokenizer, tmp_path):
     with checkpoints.Checkpointer(tmp_path / "orbax", async_save=False) as ckpt:
         ckpt.save(7, nnx.to_pure_dict(nnx.state(model)))
 
-    other = _config()
+    other = tiny_config()
     other.seed = 1  # a different random init: what is loaded must come from the checkpoint
     with jax.set_mesh(mesh):
         for path in (hf, str(tmp_path / "orbax"), str(tmp_path / "orbax" / "7")):

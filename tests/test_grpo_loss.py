@@ -1,6 +1,6 @@
 """GRPO advantages and loss against a direct NumPy (float64) transcription of the formulas.
 
-The reference below is written from the formulas, not from kardia_jax.grpo: per-token loss
+The reference below is written from the formulas, not from kardia_jax.grpo.loss: per-token loss
 -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta KL, with r = exp(logp - old_logp), and its
 gradient with respect to logp derived by hand:
   d/dlogp [-min(r A, clip(r) A)] = -r A where the unclipped term is the minimum, else 0
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kardia_jax.grpo import (
+from kardia_jax.grpo.loss import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
     REWARD_SCALINGS,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from absl import logging as absl_logging
 
-from kardia_jax import checkpoints, console, metrics, sft, train
+from kardia_jax import checkpoints, console, metrics, sft
+from kardia_jax.grpo import report
 from kardia_jax.config import base_config
 from kardia_jax.metrics import Console, MetricsLogger, Timer, plot_curves, read_jsonl
 
@@ -112,7 +113,7 @@ def _panels(figure):
 
 def test_grpo_plot_has_a_panel_per_weighted_component_and_the_criteria(tmp_path):
     jsonl = _grpo_rows(tmp_path)
-    figure = plot_curves(jsonl, train.plot_panels(base_config()), tmp_path / "rewards.png", title="GRPO")
+    figure = plot_curves(jsonl, report.plot_panels(base_config()), tmp_path / "rewards.png", title="GRPO")
     assert (tmp_path / "rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     panels = _panels(figure)
     assert list(panels) == ["total reward", "emotion reward", "format reward", "rubric reward",
@@ -134,7 +135,7 @@ def test_grpo_plot_has_a_panel_per_weighted_component_and_the_criteria(tmp_path)
     config = base_config()
     config.grpo.reward_weights.rubric = 0.0
     config.grpo.beta = 0.0
-    figure = plot_curves(jsonl, train.plot_panels(config), tmp_path / "rewards.png")
+    figure = plot_curves(jsonl, report.plot_panels(config), tmp_path / "rewards.png")
     assert list(_panels(figure)) == ["total reward", "emotion reward", "format reward", "GRPO loss"]
 
 
@@ -173,7 +174,7 @@ def test_bar_shows_only_the_chosen_figures_and_a_summary_every_log_every_steps(t
 
 def test_sft_and_grpo_bars_show_a_handful_of_figures():
     assert set(sft.CONSOLE_FIGURES) == {"loss", "tokens/s"}
-    view = train.console_view(base_config())
+    view = report.console_view(base_config())
     assert set(view.figures) == {"reward", "kl", "s/step"} and view.log_every == base_config().grpo.log_every
 
 

@@ -1,4 +1,4 @@
-"""`training.skip_nonfinite`: a non-finite loss, gradient or update is not applied (parameters and optimizer
+"""`optim.skip_nonfinite`: a non-finite loss, gradient or update is not applied (parameters and optimizer
 state keep their exact bits), it is counted, and the error that stops a run says what to do."""
 
 import jax
@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from kardia_jax import training
-from helpers_training import assert_same_bits
+from kardia_jax import optim
+from helpers_training import assert_same_bits, tiny_config
 
 PARAMS = {"w": jnp.array([[1.0, -0.0], [2.0, -3.0]]), "final_norm": jnp.array([1.0, 0.5])}  # -0.0: +0 would flip it
 
@@ -17,13 +17,13 @@ def _step(optimizer):
     @jax.jit
     def step(params, opt_state, grads, loss):
         updates, opt_state = optimizer.update(grads, opt_state, params, loss=loss)
-        return training.apply_updates(params, updates, opt_state), opt_state
+        return optim.apply_updates(params, updates, opt_state), opt_state
 
     return step
 
 
 def _progress(opt_state):
-    p = training.optimizer_progress(opt_state)
+    p = optim.optimizer_progress(opt_state)
     return p.updates, p.nonfinite, p.consecutive_nonfinite
 
 
@@ -32,7 +32,7 @@ def test_a_nonfinite_update_is_skipped_bit_for_bit_and_counted(poison):
     """One finite update, then one poisoned in its loss (NaN), its gradients (an Inf) or only in the
     updates AdamW makes of finite gradients (an infinite learning rate), then a finite one again."""
     lr = jnp.inf if poison == "updates" else 1e-2
-    optimizer = training.make_optimizer(lr, 0, 10, weight_decay=0.1, grad_clip=1.0)
+    optimizer = optim.make_optimizer(lr, 0, 10, weight_decay=0.1, grad_clip=1.0)
     step = _step(optimizer)
     grads = {"w": jnp.array([[0.5, -1.0], [0.0, 2.0]]), "final_norm": jnp.array([0.1, -0.2])}
     state = optimizer.init(PARAMS)
@@ -62,10 +62,10 @@ def test_a_nonfinite_update_is_skipped_bit_for_bit_and_counted(poison):
 
 def test_finite_updates_are_the_wrapped_optimizers():
     """The guard changes nothing on finite steps: the updates of plain AdamW + clipping."""
-    schedule = training.make_schedule(1e-2, 2, 10)
+    schedule = optim.make_schedule(1e-2, 2, 10)
     plain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1, mask=lambda p: {
         "w": True, "final_norm": False}))
-    guarded = training.make_optimizer(1e-2, 2, 10, weight_decay=0.1, grad_clip=1.0)
+    guarded = optim.make_optimizer(1e-2, 2, 10, weight_decay=0.1, grad_clip=1.0)
     grads = {"w": jnp.full((2, 2), 0.3), "final_norm": jnp.array([0.1, -0.2])}
     p, s = PARAMS, plain.init(PARAMS)
     q, t = PARAMS, guarded.init(PARAMS)
@@ -80,33 +80,31 @@ def test_finite_updates_are_the_wrapped_optimizers():
 
 def test_learning_rate_of_the_latest_update():
     """The schedule index of the latest update: the count before it, which a skipped update leaves alone."""
-    applied = training.OptimizerProgress(updates=5, nonfinite=1, consecutive_nonfinite=0)
-    skipped = training.OptimizerProgress(updates=5, nonfinite=2, consecutive_nonfinite=1)
+    applied = optim.OptimizerProgress(updates=5, nonfinite=1, consecutive_nonfinite=0)
+    skipped = optim.OptimizerProgress(updates=5, nonfinite=2, consecutive_nonfinite=1)
     assert applied.latest_update == 4 and skipped.latest_update == 5
     assert skipped.metrics() == {"train/nonfinite_updates": 2, "train/consecutive_nonfinite": 1}
 
 
 def test_the_error_says_where_what_and_what_to_try():
     stats = {"loss": np.float32(np.nan), "grad_norm": np.float32(np.inf)}
-    below = training.OptimizerProgress(updates=7, nonfinite=3, consecutive_nonfinite=2)
-    assert training.nonfinite_error(below, section="sft", limit=3, step=9, stats=stats, checkpoint_dir="/ckpt") is None
-    at = training.OptimizerProgress(updates=7, nonfinite=4, consecutive_nonfinite=3)
-    error = training.nonfinite_error(at, section="sft", limit=3, step=10, stats=stats, checkpoint_dir="/ckpt")
+    below = optim.OptimizerProgress(updates=7, nonfinite=3, consecutive_nonfinite=2)
+    assert optim.nonfinite_error(below, section="sft", limit=3, step=9, stats=stats, checkpoint_dir="/ckpt") is None
+    at = optim.OptimizerProgress(updates=7, nonfinite=4, consecutive_nonfinite=3)
+    error = optim.nonfinite_error(at, section="sft", limit=3, step=10, stats=stats, checkpoint_dir="/ckpt")
     assert isinstance(error, FloatingPointError)
     message = str(error)
     for part in ("3 updates in a row", "step 10", "sft.max_consecutive_nonfinite=3", "the loss is nan",
                  "the gradient norm is inf", "/ckpt", "update 7", "sft.learning_rate", "sft.grad_clip"):
         assert part in message, (part, message)
     finite = {"loss": np.float32(2.5), "grad_norm": np.float32(0.5)}
-    message = str(training.nonfinite_error(at, section="grpo", limit=3, step=10, stats=finite, checkpoint_dir="/c"))
+    message = str(optim.nonfinite_error(at, section="grpo", limit=3, step=10, stats=finite, checkpoint_dir="/c"))
     assert "the optimizer's update is not" in message and "grpo.learning_rate" in message
 
 
 def test_the_limit_is_checked():
-    from kardia_jax.config import base_config
-
-    config = base_config()
-    assert training.nonfinite_limit(config.sft, "sft") == 10
+    config = tiny_config()
+    assert optim.nonfinite_limit(config.sft, "sft") == 10
     config.grpo.max_consecutive_nonfinite = 0
     with pytest.raises(ValueError, match="grpo.max_consecutive_nonfinite=0 must be >= 1"):
-        training.nonfinite_limit(config.grpo, "grpo")
+        optim.nonfinite_limit(config.grpo, "grpo")

@@ -15,10 +15,9 @@ import pytest
 from flax import nnx
 
 from helpers_float import assert_trees_close
-from helpers_training import assert_same_bits, checkpoint_item
+from helpers_training import assert_same_bits, checkpoint_item, tiny_config
 from kardia_jax.models import loading
-from kardia_jax import checkpoints, sft, sharding, training
-from kardia_jax.config import base_config
+from kardia_jax import checkpoints, optim, scaffold, sft, sharding
 from kardia_jax.data.pipeline import BatchConfig, load_samples, sft_pipeline
 from kardia_jax.data.sources import sample_path
 from kardia_jax.metrics import read_jsonl
@@ -28,24 +27,14 @@ from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 MAX_LENGTH = 192
 
 
+# A tiny, fast SFT run on the shipped sample: 6 steps of 16 sequences in 2 microbatches.
+SFT = {"subset": "all", "learning_rate": 3e-3, "global_batch_size": 16, "grad_accum_steps": 2, "num_epochs": 1,
+       "max_steps": 6, "save_every": 3, "log_every": 1, "eval_max_samples": 2, "eval_max_new_tokens": 4,
+       "eval_batch_size": 2}
+
+
 def _config(workdir="unused"):
-    """A tiny, fast SFT run on the shipped sample: 6 steps of 16 sequences in 2 microbatches."""
-    c = base_config()
-    c.workdir = str(workdir)
-    c.model.preset = "tiny-qwen2"
-    c.data.max_length = MAX_LENGTH
-    c.sft.subset = "all"
-    c.sft.learning_rate = 3e-3
-    c.sft.global_batch_size = 16
-    c.sft.grad_accum_steps = 2
-    c.sft.num_epochs = 1
-    c.sft.max_steps = 6
-    c.sft.save_every = 3
-    c.sft.log_every = 1
-    c.sft.eval_max_samples = 2
-    c.sft.eval_max_new_tokens = 4
-    c.sft.eval_batch_size = 2
-    return c
+    return tiny_config(workdir, data={"max_length": MAX_LENGTH}, sft=SFT)
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +122,10 @@ def test_loss_equals_numpy_masked_cross_entropy(tiny, samples, tokenizer):
 
 def test_grad_accumulation_equals_one_big_batch(tiny, samples, tokenizer):
     _, mesh, model = tiny
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
+    graphdef, params = scaffold.split_params(model)
     host, _ = _batch(samples, tokenizer, 16, seed=3)
     with jax.set_mesh(mesh):
-        batch = training.shard_batch(host, mesh)
+        batch = scaffold.shard_batch(host, mesh)
         grads = {}
         for k in (1, 4):
             fn = jax.jit(lambda p, b, k=k: sft.accumulated_grads(graphdef, p, b, k, rules=model.rules))
@@ -152,10 +140,10 @@ def test_grad_accumulation_equals_one_big_batch(tiny, samples, tokenizer):
 
 def _train_step(model):
     """A copy of `model`'s params (the step donates its inputs), a fresh AdamW state and the jitted SFT step."""
-    graphdef, state = nnx.split(model)
-    params = jax.tree.map(jnp.copy, nnx.to_pure_dict(state))
-    optimizer = training.make_optimizer(3e-3, 0, 20, 0.0, 1.0)
-    opt_state = training.init_optimizer(optimizer, params)
+    graphdef, params = scaffold.split_params(model)
+    params = jax.tree.map(jnp.copy, params)
+    optimizer = optim.make_optimizer(3e-3, 0, 20, 0.0, 1.0)
+    opt_state = optim.init_optimizer(optimizer, params)
     step = sft.make_train_step(graphdef, optimizer, num_microbatches=2,
                                param_shardings=jax.tree.map(lambda x: x.sharding, params),
                                opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state), rules=model.rules)
@@ -166,7 +154,7 @@ def test_a_few_steps_lower_the_loss(tiny, samples, tokenizer):
     _, mesh, model = tiny
     with jax.set_mesh(mesh):
         params, opt_state, step = _train_step(model)
-        batch = training.shard_batch(_batch(samples, tokenizer, 16)[0], mesh)
+        batch = scaffold.shard_batch(_batch(samples, tokenizer, 16)[0], mesh)
         losses = []
         for _ in range(5):
             params, opt_state, stats = step(params, opt_state, batch)
@@ -185,15 +173,15 @@ def test_a_step_with_an_infinite_loss_weight_is_skipped(tiny, samples, tokenizer
     poisoned["loss_mask"][3, np.argmax(host["loss_mask"][3])] = np.inf
     with jax.set_mesh(mesh):
         params, opt_state, step = _train_step(model)
-        params, opt_state, _ = step(params, opt_state, training.shard_batch(clean, mesh))  # moments are not zero
+        params, opt_state, _ = step(params, opt_state, scaffold.shard_batch(clean, mesh))  # moments are not zero
         before = jax.device_get((params, opt_state.inner))
-        params, opt_state, stats = step(params, opt_state, training.shard_batch(poisoned, mesh))
+        params, opt_state, stats = step(params, opt_state, scaffold.shard_batch(poisoned, mesh))
         assert not np.isfinite(float(stats["loss"]))
         assert_same_bits((params, opt_state.inner), before)
-        progress = training.optimizer_progress(opt_state)
+        progress = optim.optimizer_progress(opt_state)
         assert (progress.updates, progress.nonfinite, progress.consecutive_nonfinite) == (1, 1, 1)
-        params, opt_state, _ = step(params, opt_state, training.shard_batch(clean, mesh))
-    progress = training.optimizer_progress(opt_state)
+        params, opt_state, _ = step(params, opt_state, scaffold.shard_batch(clean, mesh))
+    progress = optim.optimizer_progress(opt_state)
     assert (progress.updates, progress.nonfinite, progress.consecutive_nonfinite) == (2, 1, 0)
     assert any(np.any(np.asarray(a) != b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before[0])))
 
@@ -202,11 +190,11 @@ def test_a_step_with_an_infinite_loss_weight_is_skipped(tiny, samples, tokenizer
 
 
 def test_schedule_and_weight_decay():
-    lrs = [training.learning_rate_at(1.0, 2, 10, s) for s in range(11)]
+    lrs = [optim.learning_rate_at(1.0, 2, 10, s) for s in range(11)]
     assert lrs[:3] == [0.0, 0.5, 1.0] and all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[10] == 0.0
     params = {"embed": jnp.ones((3, 2)), "final_norm": jnp.ones(2), "layers": {"q": jnp.ones((1, 2, 2)),
               "q_bias": jnp.ones((1, 2)), "attn_norm": jnp.ones((1, 2))}}
-    optimizer = training.make_optimizer(0.1, 0, 10, weight_decay=0.5, grad_clip=1.0)
+    optimizer = optim.make_optimizer(0.1, 0, 10, weight_decay=0.5, grad_clip=1.0)
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zero, optimizer.init(params), params)
     moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
@@ -217,7 +205,7 @@ def test_schedule_without_warmup_is_the_cosine_and_logs_nothing(caplog):
     # optax's warm-up schedule with 0 warm-up steps logs "non-positive transition_steps" each time it is
     # built (train.py builds one per logged step); the schedule without warm-up has the same values.
     with caplog.at_level(logging.INFO):
-        lrs = [training.learning_rate_at(1.0, 0, 10, s) for s in range(11)]
+        lrs = [optim.learning_rate_at(1.0, 0, 10, s) for s in range(11)]
     assert not [r for r in caplog.records if "transition_steps" in r.getMessage()]
     reference = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=0, decay_steps=10)
     np.testing.assert_allclose(lrs, [float(reference(s)) for s in range(11)], rtol=1e-6, atol=1e-7)
@@ -226,12 +214,12 @@ def test_schedule_without_warmup_is_the_cosine_and_logs_nothing(caplog):
 
 def test_shard_batch(tiny):
     _, mesh, _ = tiny
-    batch = training.shard_batch({"tokens": np.zeros((8, 5), np.int32), "ids": np.arange(8)}, mesh)
+    batch = scaffold.shard_batch({"tokens": np.zeros((8, 5), np.int32), "ids": np.arange(8)}, mesh)
     assert batch["tokens"].shape == (8, 5) and batch["tokens"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
     assert len(batch["ids"].addressable_shards) == 8
     np.testing.assert_array_equal(np.asarray(batch["ids"]), np.arange(8))
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-        training.shard_batch({"tokens": np.zeros((6, 5))}, mesh)
+        scaffold.shard_batch({"tokens": np.zeros((6, 5))}, mesh)
 
 
 def test_load_policy_rejects_a_foreign_tokenizer(tmp_path, tiny):

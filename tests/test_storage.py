@@ -27,7 +27,7 @@ from huggingface_hub.file_download import repo_folder_name
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kardia_jax.models import loading
-from kardia_jax import metrics, storage, train, training
+from kardia_jax import metrics, scaffold, storage, train
 from kardia_jax.checkpoints import Checkpointer
 from kardia_jax.config import base_config
 from kardia_jax.data import sources
@@ -96,9 +96,9 @@ def test_files_and_directories(base, tmp_path):
     assert storage.isdir(os.path.join(base, "a")) and not storage.isfile(os.path.join(base, "a"))
     assert storage.listdir(base) == ["a", "c.bin"]
 
-    training.write_json(os.path.join(base, "run", "results.json"), {"b": [1, 2], "a": None})
-    assert training.read_json(os.path.join(base, "run", "results.json")) == {"a": None, "b": [1, 2]}
-    assert training.read_json(os.path.join(base, "run", "absent.json")) is None
+    scaffold.write_json(os.path.join(base, "run", "results.json"), {"b": [1, 2], "a": None})
+    assert scaffold.read_json(os.path.join(base, "run", "results.json")) == {"a": None, "b": [1, 2]}
+    assert scaffold.read_json(os.path.join(base, "run", "absent.json")) is None
     assert storage.listdir(os.path.join(base, "run")) == ["results.json"]  # no temporary file left behind
 
     storage.remove_tree(os.path.join(base, "a"))
@@ -109,14 +109,14 @@ def test_files_and_directories(base, tmp_path):
 
 def test_local_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    training.write_json(str(path), {"step": 1})
+    scaffold.write_json(str(path), {"step": 1})
 
     def crash(*args):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        training.write_json(str(path), {"step": 2})
+        scaffold.write_json(str(path), {"step": 2})
     assert json.loads(path.read_text()) == {"step": 1}  # the old file, whole
     assert os.listdir(tmp_path) == ["results.json"]  # and no temporary file
 

@@ -121,31 +121,31 @@ class KardiaResult:
 class KardiaGRPO:
     """kardia_jax GRPO steps of `model` (a `Decoder`, whose parameters are consumed) on `prompts` [B, P], timed.
 
-    The phases are `train.Steps`' jitted functions (the run loop's own), except the sampler, rebuilt with no
+    The phases are `grpo.steps.Steps`' jitted functions (the run loop's own), except the sampler, rebuilt with no
     stop token, and the reward, the in-graph even-id fraction with `grpo.group_advantages`. `step()` runs one
     step and returns its times; `warm()` marks the end of the warm-up (later steps must not compile).
     """
 
     def __init__(self, model, prompts: np.ndarray, *, num_samples: int, new_tokens: int, total_steps: int):
-        from kardia_jax import training
-        from kardia_jax.grpo import group_advantages
+        from kardia_jax import optim, scaffold
+        from kardia_jax.grpo.loss import group_advantages
         from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
         from kardia_jax.sampling import make_sampler
         from kardia_jax.models.config import DTYPES
-        from kardia_jax.train import Steps, reference_params
+        from kardia_jax.grpo.steps import Steps, reference_params
 
         self.num_prompts, self.num_samples, self.new_tokens = prompts.shape[0], num_samples, new_tokens
         self.model_config = model.config
         self.config = _grpo_config(num_samples, new_tokens, total_steps)
         g = self.config.grpo
         self.tokenizer = load_tokenizer(tokenizer_path())  # Steps builds its (unused) format/emotion constants from it
-        graphdef, params = nnx.split(model)
+        graphdef, params = scaffold.split_params(model)
         # Committed to the device from the start, as the update's outputs are: a jitted function called with
         # uncommitted arguments once and committed ones next compiles twice (the run loop's params are sharded).
         device = jax.devices()[0]
         self.params = jax.device_put(params, device)
         self.ref_params = reference_params(self.params, DTYPES[model.config.dtype])  # as the trainer makes it
-        optimizer = training.make_optimizer(g.learning_rate, g.warmup_steps, total_steps, g.weight_decay, g.grad_clip)
+        optimizer = optim.make_optimizer(g.learning_rate, g.warmup_steps, total_steps, g.weight_decay, g.grad_clip)
         self.opt_state = jax.device_put(jax.jit(optimizer.init)(self.params), device)
         self.steps = Steps(graphdef, self.params, None, self.tokenizer, self.config, optimizer)
         self.steps.sample = make_sampler(graphdef, dataclasses.replace(self.steps.sampling, stop_ids=()))
@@ -171,7 +171,7 @@ class KardiaGRPO:
         self.compiled = self._programs()
 
     def step(self) -> dict[str, float]:
-        from kardia_jax.train import Rollout
+        from kardia_jax.grpo.steps import Rollout
 
         steps, t = self.steps, {}
         start = time.perf_counter()
@@ -237,7 +237,7 @@ def _judge_cost(model_config, tokenizer, out, num_prompts: int, num_samples: int
     """Median time of the reward phase with a policy-sized rubric judge in it, on completions `out`."""
     from kardia_jax.data.pipeline import load_samples
     from kardia_jax.data.sources import sample_path
-    from kardia_jax.grpo import group_advantages
+    from kardia_jax.grpo.loss import group_advantages
     from kardia_jax.models.decoder import Decoder
     from kardia_jax.rewards.judge import RubricJudge
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 from kardia_jax import models, sampling
 from kardia_jax.benchmarks.common import BENCH_PRESET, random_prompts
-from kardia_jax.train import completion_logprobs
+from kardia_jax.grpo.steps import completion_logprobs
 
 
 

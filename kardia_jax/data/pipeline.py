@@ -40,13 +40,14 @@ Batches (numpy int32; B = global_batch_size // process_count), each with
     prompt_tokens [B, P]
     prompt_mask   [B, P]  1 on real tokens
     emotion_id    [B]     gold label, index into EMOTIONS
-    sample_index  [B]     index into `Pipeline.samples` (persona, context, … for the judge)
+    sample_index  [B]     index into `Pipeline.samples` (persona, context, … of the prompt)
+    judge_context {name: [B, ...]}  with `contexts` (e.g. the judge's context_ids, context_mask [B, C])
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grain
 import jax
@@ -151,17 +152,29 @@ def sft_pipeline(samples: Sequence[TurnSample], tokenizer: Tokenizer, config: Ba
 
 
 def grpo_pipeline(samples: Sequence[TurnSample], tokenizer: Tokenizer, config: BatchConfig, *,
-                  subset: str = "hard", process_index: int | None = None,
-                  process_count: int | None = None) -> Pipeline:
-    """Left-padded GRPO prompt batches (prompt_tokens, prompt_mask, emotion_id, sample_index)."""
+                  subset: str = "hard", contexts: Callable[[Sequence[TurnSample]], dict[str, np.ndarray]] | None = None,
+                  process_index: int | None = None, process_count: int | None = None) -> Pipeline:
+    """Left-padded GRPO prompt batches (prompt_tokens, prompt_mask, emotion_id, sample_index, and
+    judge_context when `contexts` is given).
+
+    contexts: samples -> {name: [n, ...] array of fixed shape per sample}, e.g. the rubric judge's
+    `prepare_contexts`. Called once, up front, on every kept sample (as the prompts are tokenized, step 2
+    of the module docstring); each batch then carries its rows under "judge_context", so the training
+    loop only puts them on the mesh.
+    """
     indices = _select(samples, subset)
     prompts, stats = _fit_prompts([samples[i] for i in indices], tokenizer, [config.max_length] * len(indices),
                                   config.overlong)
+    kept = [(i, prompt) for i, prompt in zip(indices, prompts) if prompt is not None]
     examples = [
         {"prompt_tokens": np.asarray(prompt, np.int32), "emotion_id": EMOTIONS.index(samples[i].emotion),
          "sample_index": i}
-        for i, prompt in zip(indices, prompts) if prompt is not None
+        for i, prompt in kept
     ]
+    if contexts is not None and kept:
+        arrays = contexts([samples[i] for i, _ in kept])  # {name: [n, ...]}
+        for row, example in enumerate(examples):
+            example["judge_context"] = {name: np.asarray(a[row]) for name, a in arrays.items()}
     stats = dataclasses.replace(stats, lengths=np.array([len(e["prompt_tokens"]) for e in examples], np.int32))
     logging.info("GRPO pipeline (%s): %s.", subset, stats.summary())
     return _build(samples, examples, stats, _PromptBatch(tokenizer.pad_id, config.buckets()), config,
@@ -297,9 +310,13 @@ class _PromptBatch:
             n = len(example["prompt_tokens"])
             prompt_tokens[row, length - n:] = example["prompt_tokens"]
             prompt_mask[row, length - n:] = 1
-        return {
+        batch = {
             "prompt_tokens": prompt_tokens,
             "prompt_mask": prompt_mask,
             "emotion_id": np.array([e["emotion_id"] for e in examples], np.int32),  # [B]
             "sample_index": np.array([e["sample_index"] for e in examples], np.int32),  # [B]
         }
+        if "judge_context" in examples[0]:  # e.g. context_ids, context_mask [B, C]
+            batch["judge_context"] = {name: np.stack([e["judge_context"][name] for e in examples])
+                                      for name in examples[0]["judge_context"]}
+        return batch

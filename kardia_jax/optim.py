@@ -1,24 +1,19 @@
-"""What the SFT and GRPO trainers share: the optimizer, putting host batches on the mesh, and resuming
-from a checkpoint (loading and exporting the model: `kardia_jax.models.loading`).
+"""The trainers' optimizer: AdamW on a warm-up + cosine schedule, inside a guard that skips non-finite
+updates (used by SFT and GRPO alike; the rest of what they share is `kardia_jax.scaffold`).
 
-    mesh = sharding.mesh_from_config(config.mesh)
-    with jax.set_mesh(mesh):
-        model, tokenizer = loading.load_policy(config, mesh)   # sharded Decoder + its tokenizer
-        graphdef, params = nnx.split(model)
-        optimizer = make_optimizer(lr, warmup_steps, total_steps, weight_decay, grad_clip)
-        opt_state = init_optimizer(optimizer, params)         # moments sharded like the params
-        batch = shard_batch(host_batch, mesh)                  # [B, ...] numpy -> batch over (data, fsdp)
-        # in the jitted step:
-        updates, opt_state = optimizer.update(grads, opt_state, params, loss=loss)
-        params = apply_updates(params, updates, opt_state)    # unchanged if the update was not finite
-        # in the loop:
-        progress = optimizer_progress(opt_state)              # updates applied, non-finite counts
+    optimizer = make_optimizer(lr, warmup_steps, total_steps, weight_decay, grad_clip)
+    opt_state = init_optimizer(optimizer, params)         # moments sharded like the params
+    # in the jitted step:
+    updates, opt_state = optimizer.update(grads, opt_state, params, loss=loss)
+    params = apply_updates(params, updates, opt_state)    # unchanged if the update was not finite
+    # in the loop:
+    progress = optimizer_progress(opt_state)              # updates applied, non-finite counts
 
-Gradient accumulation is the trainer's job, not the optimizer's: each trainer runs its microbatches
+Gradient accumulation is the trainer's job, not the optimizer's: each trainer runs its minibatches
 in a `lax.scan` inside its jitted step and divides the summed gradient by a normalizer of the *whole*
-global batch (e.g. its masked-token count), so k microbatches give exactly the one-big-batch update.
-`optax.MultiSteps` would average per-microbatch means instead (wrong when microbatches hold different
-numbers of tokens) and costs a jitted call per microbatch.
+global batch (e.g. its masked-token count), so k minibatches give exactly the one-big-batch update.
+`optax.MultiSteps` would average per-minibatch means instead (wrong when minibatches hold different
+numbers of tokens) and costs a jitted call per minibatch.
 
 An update whose loss, gradients or updates hold a NaN or an Inf is not applied (`skip_nonfinite`):
 parameters and optimizer state stay as they were, bit for bit, so every checkpoint stays finite. The
@@ -29,21 +24,14 @@ optimizer state counts such updates, and a trainer stops its run with `nonfinite
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from kardia_jax import checkpoints, storage
-
-BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension of every batch is split over
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 # -- the optimizer -------------------------------------------------------------------------------
@@ -232,90 +220,3 @@ def init_optimizer(optimizer: optax.GradientTransformation, params):
     """The optimizer state, laid out by `optimizer_shardings`. (A plain `jax.jit(optimizer.init)` puts
     state that does not depend on the params' values on one device: a 7B model's Adam moments on one chip.)"""
     return jax.jit(optimizer.init, out_shardings=optimizer_shardings(optimizer, params))(params)
-
-
-# -- batches -------------------------------------------------------------------------------------
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) axis over ('data', 'fsdp'), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
-    """Puts this process's rows of a batch on the mesh: every array [B_local, ...] becomes a global
-    [B_local * process_count, ...] jax.Array split over ('data', 'fsdp') on its leading axis (nested
-    dicts are walked; 0-d values are replicated). The global batch must divide over data x fsdp."""
-    devices = mesh.shape["data"] * mesh.shape["fsdp"]
-
-    def put(path, x):
-        x = np.asarray(x)
-        if x.ndim == 0:
-            return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), x)
-        global_rows = x.shape[0] * jax.process_count()
-        if global_rows % devices:
-            raise ValueError(
-                f"shard_batch: {jax.tree_util.keystr(path)} has a global batch of {global_rows} rows, not "
-                f"divisible by the {devices} devices of the mesh's data x fsdp axes; make the batch size a "
-                "multiple of data x fsdp."
-            )
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x,
-                                                      (global_rows, *x.shape[1:]))
-
-    return jax.tree_util.tree_map_with_path(put, dict(batch))
-
-
-def replicate(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """The same host array (identical on every process) as a replicated jax.Array on the mesh."""
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), np.asarray(x))
-
-
-# -- checkpoints and config ----------------------------------------------------------------------
-
-
-def restore_or_init(ckpt: checkpoints.Checkpointer, params, opt_state, rng: jax.Array, iterator=None):
-    """Resumes from the newest checkpoint in `ckpt`, if there is one.
-
-    `params`/`opt_state` are the freshly initialized, sharded trees: they are the restore targets
-    (structure, shapes, shardings) and what is returned when there is nothing to resume. The data
-    iterator, if given, is moved to the saved position in place.
-
-    Returns (step, params, opt_state, rng): step 0 and the inputs for a fresh run.
-    """
-    restored = ckpt.restore_latest(params, opt_state, data_iterator=iterator)
-    if restored is None:
-        return 0, params, opt_state, rng
-    # A warning: resuming changes what the run does, so it is said at every verbosity.
-    logging.warning("Resumed from %s at step %d.", ckpt.directory, restored.step)
-    return restored.step, restored.params, restored.opt_state, restored.rng if restored.rng is not None else rng
-
-
-def data_source(data_config: ml_collections.ConfigDict) -> str:
-    """Where `config.data` says the dialogues are; empty means the sample shipped with the package."""
-    from kardia_jax.data.sources import sample_path  # pylint: disable=import-outside-toplevel
-
-    return data_config.source or sample_path()
-
-
-def config_snapshot(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config as plain JSON data (tuples become lists), for checkpoint metadata and config.json."""
-    return json.loads(json.dumps(config.to_dict(), default=str))
-
-
-def write_json(path: str, data: Any) -> None:
-    """Writes `data` as JSON to `path` (local or gs://; process 0 only), atomically: a reader never sees
-    half a file."""
-    if jax.process_index() != 0:
-        return
-    storage.write_text(path, json.dumps(data, indent=2, sort_keys=True))
-
-
-def read_json(path: str) -> Any | None:
-    """The JSON document at `path` (local or gs://), or None if there is none."""
-    if not storage.exists(path):
-        return None
-    return json.loads(storage.read_text(path))
-
-
-def num_params(tree) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))

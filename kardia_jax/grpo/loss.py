@@ -1,8 +1,8 @@
 """GRPO: group-relative advantages and the clipped policy-gradient loss with a KL penalty.
 
 Everything here is a pure function of arrays (plus a static, hashable `GRPOConfig`), usable under
-`jax.jit`. Shapes, with N = completions in the batch (prompts x group size G, one prompt's G samples
-contiguous) and T = completion length:
+`jax.jit`. Shapes, with N = completions in the batch (prompts x group_size, one prompt's group_size
+samples contiguous) and T = completion length:
 
   logp, old_logp, ref_logp, completion_mask   [N, T] float32  (mask: 1 on generated tokens)
   rewards, advantages, truncated               [N]
@@ -58,6 +58,12 @@ class GRPOConfig:
     scale_rewards: str = "group"
     mask_truncated_completions: bool = False
 
+    @classmethod
+    def from_config(cls, section) -> "GRPOConfig":
+        """The loss settings of a config's `grpo` section: every field it declares (kl_clamp, which it
+        does not, keeps its default)."""
+        return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls) if f.name in section})
+
     def __post_init__(self):
         for name, value, allowed in (
             ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
@@ -98,8 +104,8 @@ def group_advantages(
     if scale_rewards == "batch" and num < 2:
         raise ValueError("scale_rewards='batch' needs at least 2 rewards (the std uses ddof=1).")
     rewards = rewards.astype(jnp.float32)
-    grouped = rewards.reshape(-1, group_size)  # [N / G, G]
-    centered = grouped - grouped.mean(axis=1, keepdims=True)  # [N / G, G]
+    grouped = rewards.reshape(-1, group_size)  # [N / group_size, group_size]
+    centered = grouped - grouped.mean(axis=1, keepdims=True)  # [N / group_size, group_size]
     if scale_rewards == "group":
         centered = centered / (grouped.std(axis=1, ddof=1, keepdims=True) + eps)
     elif scale_rewards == "batch":
