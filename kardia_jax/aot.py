@@ -16,7 +16,9 @@ own jitted functions on abstract arguments of a full step's shapes (the longest 
   sample        B = grpo.prompts_per_step prompts -> B·G completions of grpo.max_new_tokens
   old_logprobs  the policy's teacher-forced logprobs of the B·G completions (grpo.recompute_old_logprobs)
   reference     the same under the frozen reference (stored in the compute dtype; beta > 0)
-  score         the rewards with the rubric judge and the group advantages (rubric weight > 0)
+  score         the rewards with the rubric judge and the group advantages (rubric weight > 0), at the
+                widest judge context (judge.max_context_tokens), then `score@W` at each narrower width the
+                pipeline cuts a batch's contexts to (judge.context_buckets: one more program each)
   update        the GRPO loss, its gradients over grpo.num_minibatches, AdamW (num_iterations per step)
 
 Per chip and phase it prints XLA's memory analysis (arguments, outputs, temporaries) plus what else
@@ -43,6 +45,7 @@ and exits non-zero when a phase does not fit (or has less than `--min_headroom` 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -66,6 +69,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from kardia_jax import console, optim, sft, sharding  # noqa: E402
 from kardia_jax import config as config_lib  # noqa: E402
+from kardia_jax.data.pipeline import context_widths  # noqa: E402
 from kardia_jax.models import loading, positions_from_mask  # noqa: E402
 from kardia_jax.models.config import DTYPES, ModelConfig, preset  # noqa: E402
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path  # noqa: E402
@@ -180,8 +184,9 @@ def architecture(section: ml_collections.ConfigDict, key: str) -> str:
 
 
 def build_phases(config: ml_collections.ConfigDict, mesh, policy: ModelConfig, judge_model: ModelConfig | None,
-                 names) -> dict[str, Phase]:
-    """The phases `names` of `config` on `mesh`, for the policy and judge architectures given."""
+                 names, context_width: int = 0) -> dict[str, Phase]:
+    """The phases `names` of `config` on `mesh`, for the policy and judge architectures given; the judge
+    reads contexts of `context_width` tokens (0: judge.max_context_tokens, the widest bucket)."""
     g, s = config.grpo, config.sft
     rules = sharding.rules_from_config(config.rules)
     graphdef, params = loading.abstract_model(policy, mesh, rules)
@@ -236,7 +241,7 @@ def build_phases(config: ml_collections.ConfigDict, mesh, policy: ModelConfig, j
     if "reference" in names and g.beta > 0:
         phases["reference"] = Phase(steps.logprobs, (reference, *completion_args), others("reference"), forward)
     if "score" in names and judge is not None:
-        contexts = {k: spec((b, judge.max_context_tokens), jnp.int32, mesh, batch)
+        contexts = {k: spec((b, context_width or judge.max_context_tokens), jnp.int32, mesh, batch)
                     for k in ("context_ids", "context_mask")}
         phases["score"] = Phase(steps.score, (judge_params, rollout.completion, rollout.completion_mask,
                                               per_row(jnp.int32), contexts), others("judge"), judge_flops(judge, b, n))
@@ -284,10 +289,10 @@ def cost(compiled) -> np.ndarray:
     return np.asarray([analysis.get("flops", 0.0), analysis.get("bytes accessed", 0.0)], np.float64)
 
 
-def measured_cost(config, mesh, policy: ModelConfig, judge_model, name: str) -> np.ndarray:
+def measured_cost(config, mesh, policy: ModelConfig, judge_model, name: str, context_width: int = 0) -> np.ndarray:
     """[FLOPs, bytes] per chip of phase `name` of `config` as XLA counts them, except for the sampler's
     decode loops: its prefill (compiled alone) plus `decode_span` times the rest (one body per loop)."""
-    phase = build_phases(config, mesh, policy, judge_model, {name})[name]
+    phase = build_phases(config, mesh, policy, judge_model, {name}, context_width)[name]
     measured = cost(phase.fn.trace(*phase.args).lower().compile())
     if phase.prefill is not None:
         prefill = cost(phase.prefill[0].trace(*phase.prefill[1]).lower().compile())
@@ -295,7 +300,7 @@ def measured_cost(config, mesh, policy: ModelConfig, judge_model, name: str) -> 
     return measured
 
 
-def counted_cost(config, mesh, policy: ModelConfig, judge_model, name: str) -> np.ndarray:
+def counted_cost(config, mesh, policy: ModelConfig, judge_model, name: str, context_width: int = 0) -> np.ndarray:
     """[FLOPs, bytes accessed] per chip of phase `name`, every loop counted by its trip count.
 
     Measured on one pass of the phase (`one_pass`: one minibatch or microbatch, whose memory is the
@@ -314,7 +319,7 @@ def counted_cost(config, mesh, policy: ModelConfig, judge_model, name: str) -> n
     per_depth = []
     for layers in (1, 2):
         at = [measured_cost(one_pass(config, name, scale), mesh, shallow(policy, layers), shallow(judge_model, layers),
-                            name) for scale in scales]
+                            name, context_width) for scale in scales]
         per_depth.append(at[0] + (trips - 1) * (at[-1] - at[0]))
     depth = (judge_model if name == "score" else policy).num_layers
     one = per_depth[0] + (depth - 1) * (per_depth[1] - per_depth[0])
@@ -393,7 +398,12 @@ def compile_config(config: ml_collections.ConfigDict, topology: str, names) -> l
           f"judge {judge_arch if judge_model else 'none'}", flush=True)
     reports = []
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        for name, phase in build_phases(config, mesh, policy, judge_model, names).items():
+        phases = build_phases(config, mesh, policy, judge_model, names)
+        if "score" in phases:  # each narrower context width of the pipeline is one more judge program
+            widths = context_widths(config.judge.max_context_tokens, config.judge.context_buckets)[:-1]
+            phases |= {f"score@{w}": build_phases(config, mesh, policy, judge_model, {"score"}, w)["score"]
+                       for w in widths}
+        for name, phase in phases.items():
             start = time.perf_counter()
             try:
                 compiled = phase.fn.trace(*phase.args).lower().compile()
@@ -403,7 +413,8 @@ def compile_config(config: ml_collections.ConfigDict, topology: str, names) -> l
                 continue
             seconds = time.perf_counter() - start
             mem = compiled.memory_analysis()
-            flops, nbytes = counted_cost(config, mesh, policy, judge_model, name)
+            base, _, width = name.partition("@")
+            flops, nbytes = counted_cost(config, mesh, policy, judge_model, base, int(width or 0))
             sizes = (int(getattr(mem, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp"))
             reports.append(Report(name, seconds, *sizes, phase.resident, flops, nbytes,
                                   phase.model_flops / len(devices), chip))
@@ -417,7 +428,9 @@ def summary(name: str, reports: list[Report], num_iterations: int, min_headroom:
     fits = all(r.headroom >= min_headroom for r in reports)
     update = next((r for r in reports if r.name == "update"), None)
     ratio = f"{update.flops / update.model_flops:.2f}" if update else "-"
-    step = sum(r.roofline_s * (num_iterations if r.name == "update" else 1) for r in reports if r.name != "sft")
+    # A step: every GRPO phase once (the update num_iterations times), the judge at its widest contexts.
+    step = sum(r.roofline_s * (num_iterations if r.name == "update" else 1) for r in reports
+               if r.name != "sft" and "@" not in r.name)
     return (f"aot {name}: {'fits' if fits else 'does not fit'}, peak {worst.peak / GIB:.1f} GiB of "
             f"{worst.chip.hbm_gib:.0f} GiB per chip ({100 * worst.headroom:.0f}% headroom, {worst.name}), update "
             f"flops ratio {ratio}, roofline step {step:.1f} s"), fits
@@ -440,10 +453,8 @@ def main(argv):
     topology = _TOPOLOGY.value or config.topology
     if not topology:
         raise app.UsageError("The config names no topology (config.topology): pass --topology=v5e:2x4 or similar.")
-    try:
-        import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    except ImportError as e:
-        raise SystemExit(f"kardia_jax.aot needs libtpu as its compiler: pip install -e \".[tpu]\" ({e}).") from e
+    if importlib.util.find_spec("libtpu") is None:
+        raise SystemExit("kardia_jax.aot needs libtpu as its compiler: pip install -e \".[tpu]\".")
     reports = compile_config(config, topology, set(_PHASES.value))
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     line, fits = summary(name, reports, config.grpo.num_iterations, _MIN_HEADROOM.value)

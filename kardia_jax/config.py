@@ -185,6 +185,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Completions the judge scores at a time (chunks of whole groups) to bound its prefills' memory;
     # 0: all of a step's at once.
     c.judge.rows_per_chunk = 0
+    # A batch's judge contexts are read at the narrowest of this many widths (max_context_tokens / 2^k,
+    # k < context_buckets) that holds its longest: short contexts do not pay for the full budget, at the
+    # cost of one more compiled judge program per width. 1: always the full width.
+    c.judge.context_buckets = 3
     return c
 
 
@@ -410,6 +414,9 @@ def _grpo_problems(config, batch_devices: int | None) -> list[str]:
         problems += _path_problems("judge.hf_path", j.hf_path, remote_prefixes=("gs://",), hub=True)
         problems += _path_problems("judge.tokenizer_path", j.tokenizer_path, remote_prefixes=("gs://",), hub=True)
         problems += _positive(config, "judge.max_context_tokens", "judge.max_response_tokens")
+        if j.context_buckets < 1:
+            problems.append(f"judge.context_buckets={j.context_buckets}: must be >= 1 (1: contexts at the full "
+                            "judge.max_context_tokens).")
         if j.rows_per_chunk < 0:
             problems.append(f"judge.rows_per_chunk={j.rows_per_chunk}: must be >= 0 (0: no chunking).")
     return problems

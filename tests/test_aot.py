@@ -2,6 +2,7 @@
 change of shapes or shardings that breaks TPU compilation fails here), its loop accounting against the
 loop-free program of the same size, and the architectures the TPU configs declare."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,10 +19,8 @@ SMALL = ["--config=configs/tiny_cpu.py", "--topology=v5e:2x2", "--config.mesh.fs
 
 
 def _libtpu():
-    try:
-        import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    except ImportError as e:  # the test extra installs it (jax[tpu]); a platform without a wheel skips
-        pytest.skip(f"libtpu is not importable ({e}): pip install -e '.[test]' installs jax[tpu]")
+    if importlib.util.find_spec("libtpu") is None:  # the test extra installs it (jax[tpu])
+        pytest.skip("libtpu is not importable (no wheel for this platform?): pip install -e '.[test]' installs jax[tpu]")
 
 
 @pytest.mark.parametrize("name", TPU_CONFIGS)
@@ -50,7 +49,7 @@ def test_a_small_config_compiles_for_tpu_and_reports_every_phase():
     run = _aot()
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
-    for phase in ("sft", "sample", "score", "update"):
+    for phase in ("sft", "sample", "score", "score@64", "update"):  # tiny_cpu: judge contexts of 64 or 128
         row = next((line for line in lines if line.split()[:1] == [phase]), None)
         assert row is not None and "peak" in row and "roofline" in row, run.stdout
     final = lines[-1]
