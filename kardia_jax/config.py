@@ -38,7 +38,7 @@ from kardia_jax.data.pipeline import OVERLONG, SUBSETS
 from kardia_jax.data.prompts import DIFFICULTY_RULES, HISTORY_MODES
 from kardia_jax.data.sources import ON_BAD_ROW
 from kardia_jax.grpo.loss import KL_ESTIMATORS, LOSS_AGGREGATIONS, REWARD_SCALINGS
-from kardia_jax.models.config import DTYPES, PRESETS, REMAT_POLICIES, ModelConfig
+from kardia_jax.models.config import DTYPES, HUB_ARCHITECTURES, PRESETS, REMAT_POLICIES, ModelConfig
 from kardia_jax.rewards.combine import DEFAULT_WEIGHTS
 
 
@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init, data order, sampling
     c.workdir = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard, plots (local path or gs://)
-    # A TPU topology (e.g. "v5e:4x4") the config is meant for; `scripts/aot_compile.py` compiles
+    # A TPU topology (e.g. "v5e:4x4") the config is meant for; `python -m kardia_jax.aot` compiles
     # against it on a CPU machine. Empty for configs that run where they are.
     c.topology = ""
     # Multi-host TPU slices: join jax.distributed before anything else (every host runs the same command).
@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = ""  # a name in kardia_jax/models/config.py PRESETS
     c.model.hf_path = ""
+    # The preset with model.hf_path's architecture (e.g. "qwen2.5-7b"): what `python -m kardia_jax.aot`
+    # compiles without the checkpoint. paper_tpu_config sets it from models.config.HUB_ARCHITECTURES.
+    c.model.architecture = ""
     c.model.param_dtype = "float32"  # parameter (master) dtype: float32 or bfloat16
     c.model.dtype = "float32"  # activation / matmul dtype; also the frozen reference's storage dtype
     c.model.remat = "none"  # a layer's rematerialization policy: none, full, dots, dots_no_batch
@@ -172,6 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.judge.from_policy = False  # True: a frozen copy of the initial policy reads the rubric (CPU demo)
     c.judge.preset = ""  # random init (tests, benchmarks)
     c.judge.hf_path = ""  # a HF checkpoint: local dir, hub id or gs://
+    c.judge.architecture = ""  # the preset with judge.hf_path's architecture (as model.architecture)
     c.judge.tokenizer_path = ""  # empty: hf_path's own tokenizer, else the policy's
     c.judge.param_dtype = "float32"
     c.judge.dtype = "float32"
@@ -181,6 +185,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Completions the judge scores at a time (chunks of whole groups) to bound its prefills' memory;
     # 0: all of a step's at once.
     c.judge.rows_per_chunk = 0
+    # A batch's judge contexts are read at the narrowest of this many widths (max_context_tokens / 2^k,
+    # k < context_buckets) that holds its longest: short contexts do not pay for the full budget, at the
+    # cost of one more compiled judge program per width. 1: always the full width.
+    c.judge.context_buckets = 3
     return c
 
 
@@ -192,7 +200,7 @@ def paper_tpu_config(*, policy: str, topology: str, workdir: str, judge: str = "
     bfloat16 compute; the frozen judge and reference are stored in bfloat16. FSDP over the chips, times
     `tensor`-way tensor parallelism: the sampler gathers a layer's weights over the fsdp axis only, so
     tensor > 1 divides the gathered bf16 weights (a 7B policy's are ~14 GiB) by `tensor`.
-    Check a config against its topology with `python scripts/aot_compile.py --config=...`.
+    Check a config against its topology with `python -m kardia_jax.aot --config=...`.
     """
     c = base_config()
     c.workdir = workdir
@@ -200,6 +208,7 @@ def paper_tpu_config(*, policy: str, topology: str, workdir: str, judge: str = "
     c.mesh.tensor = tensor
     c.distributed = True
     c.model.hf_path = policy
+    c.model.architecture = HUB_ARCHITECTURES.get(policy, "")
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.tokenizer.path = policy
@@ -219,6 +228,7 @@ def paper_tpu_config(*, policy: str, topology: str, workdir: str, judge: str = "
     c.grpo.recompute_old_logprobs = c.model.dtype == "bfloat16"
     c.grpo.save_every = 50
     c.judge.hf_path = judge
+    c.judge.architecture = HUB_ARCHITECTURES.get(judge, "")
     c.judge.param_dtype = "bfloat16"
     c.judge.dtype = "bfloat16"
     c.judge.max_context_tokens = 1536
@@ -322,6 +332,9 @@ def _common_problems(config) -> list[str]:
     problems = _source_problems("model", {"preset": model.preset, "hf_path": model.hf_path})
     if model.preset:
         problems += _one_of("model.preset", model.preset, sorted(PRESETS))
+    for key in ("model.architecture", "judge.architecture"):
+        if config[key]:
+            problems += _one_of(key, config[key], sorted(PRESETS))
     problems += _path_problems("model.hf_path", model.hf_path, remote_prefixes=("gs://",), hub=True)
     problems += _path_problems("tokenizer.path", config.tokenizer.path, remote_prefixes=("gs://",), hub=True)
     problems += _path_problems("data.source", data.source, remote_prefixes=("gs://", "hf://"), hub=False)
@@ -401,6 +414,9 @@ def _grpo_problems(config, batch_devices: int | None) -> list[str]:
         problems += _path_problems("judge.hf_path", j.hf_path, remote_prefixes=("gs://",), hub=True)
         problems += _path_problems("judge.tokenizer_path", j.tokenizer_path, remote_prefixes=("gs://",), hub=True)
         problems += _positive(config, "judge.max_context_tokens", "judge.max_response_tokens")
+        if j.context_buckets < 1:
+            problems.append(f"judge.context_buckets={j.context_buckets}: must be >= 1 (1: contexts at the full "
+                            "judge.max_context_tokens).")
         if j.rows_per_chunk < 0:
             problems.append(f"judge.rows_per_chunk={j.rows_per_chunk}: must be >= 0 (0: no chunking).")
     return problems

@@ -92,7 +92,7 @@ SIZE_KEYS = re.compile(
     r"|eval_max_samples|eval_max_new_tokens|eval_batch_size|logits_chunk_size)"
     r"|grpo\.(max_steps|num_epochs|prompts_per_step|num_samples|num_iterations|num_minibatches|max_new_tokens"
     r"|save_every|max_to_keep|log_every|print_samples_every|eval_max_samples|logits_chunk_size)"
-    r"|judge\.(max_context_tokens|max_response_tokens|rows_per_chunk))$"
+    r"|judge\.(max_context_tokens|max_response_tokens|rows_per_chunk|context_buckets))$"
 )
 JOBS = ("sft", "train", "evaluate")
 

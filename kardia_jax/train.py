@@ -66,10 +66,12 @@ def _pipelines(config: ml_collections.ConfigDict, tokenizer, judge):
                                overlong=data.overlong, seed=config.seed, num_epochs=g.num_epochs,
                                worker_count=data.worker_count)
     contexts = judge.prepare_contexts if judge is not None else None
-    pipeline = grpo_pipeline(samples, tokenizer, batch_config, subset=g.subset, contexts=contexts)
+    buckets = config.judge.context_buckets
+    pipeline = grpo_pipeline(samples, tokenizer, batch_config, subset=g.subset, contexts=contexts,
+                             context_buckets=buckets)
     eval_pipeline = grpo_pipeline(
         test_samples, tokenizer, dataclasses.replace(batch_config, shuffle=False, num_epochs=1, drop_remainder=False),
-        subset="all", contexts=contexts)
+        subset="all", contexts=contexts, context_buckets=buckets)
     return pipeline, eval_pipeline
 
 

@@ -380,3 +380,30 @@ def test_grpo_batches_carry_each_prompts_context_rows(train_samples, tokenizer):
         expected = _Lengths()([pipe.samples[i] for i in batch["sample_index"]])["ids"]
         np.testing.assert_array_equal(batch["judge_context"]["ids"], expected)
     assert "judge_context" not in next(iter(pipeline.grpo_pipeline(train_samples, tokenizer, config, subset="all")))
+
+
+class _RightPadded:
+    """Judge-like contexts: right-padded ids and mask [n, 100], each sample's length from its target."""
+
+    def __call__(self, samples):
+        lengths = np.array([len(s.target) % 100 + 1 for s in samples])  # [n], 1..100
+        mask = (np.arange(100)[None, :] < lengths[:, None]).astype(np.int32)
+        return {"context_ids": mask * 7, "context_mask": mask}
+
+
+def test_grpo_batches_cut_judge_contexts_to_the_narrowest_width_that_holds_them(train_samples, tokenizer):
+    config = pipeline.BatchConfig(global_batch_size=4, max_length=256, seed=1)
+    assert pipeline.context_widths(100, 3) == (64, 100) and pipeline.context_widths(1536, 3) == (384, 768, 1536)
+    pipe = pipeline.grpo_pipeline(train_samples, tokenizer, config, subset="all", contexts=_RightPadded(),
+                                  context_buckets=3)
+    widths = set()
+    for batch in pipe:
+        full = _RightPadded()([pipe.samples[i] for i in batch["sample_index"]])
+        width = batch["judge_context"]["context_ids"].shape[1]
+        longest = int(full["context_mask"].sum(axis=1).max())
+        assert width == (64 if longest <= 64 else 100), (width, longest)
+        for name, array in full.items():
+            np.testing.assert_array_equal(batch["judge_context"][name], array[:, :width])
+        widths.add(width)
+    assert widths == {64, 100}  # both widths occur in the sample
+

@@ -280,3 +280,24 @@ def test_vocabulary_detection_and_load_judge(model, tokenizer, judge, score_ids,
     with jax.set_mesh(mesh):
         random_judge, _ = load_judge(config, mesh, tokenizer)
     assert random_judge.prompt_length == judge.prompt_length - CONTEXT_TOKENS + 16
+
+
+def test_contexts_cut_to_a_bucket_score_as_at_the_full_width(model, judge, score_ids, batch):
+    """The GRPO pipeline cuts a batch's contexts to the narrowest width that holds them (cut_contexts): the
+    prompts lose only padding, so the scores are those of the full-width contexts up to float32 rounding."""
+    from kardia_jax.data.pipeline import context_widths, cut_contexts  # pylint: disable=import-outside-toplevel
+
+    _, tokens, mask, contexts = batch
+    params = nnx.split(model)[1]
+    widths = context_widths(CONTEXT_TOKENS, 3)
+    assert widths == (64, 100)  # 100 / 4 and 100 / 2 round up to 64
+    assert int(contexts["context_mask"].sum(axis=1).max()) > 64
+    assert cut_contexts(contexts, 3)["context_ids"].shape == (B, 100)
+    # Contexts of 40 tokens or fewer (each row's first 40 - row, right-padded as prepare_contexts pads).
+    keep = np.arange(CONTEXT_TOKENS)[None, :] < (40 - np.arange(B))[:, None]  # [B, C]
+    full_short = {"context_ids": np.where(keep, contexts["context_ids"], judge.tokenizer.pad_id),
+                  "context_mask": (contexts["context_mask"] * keep).astype(np.int32)}
+    cut_short = cut_contexts(full_short, 3)
+    assert cut_short["context_ids"].shape == (B, 64)
+    np.testing.assert_allclose(np.asarray(jax.jit(judge.score_ids)(params, tokens, mask, cut_short)),
+                               np.asarray(score_ids(params, tokens, mask, full_short)), rtol=1e-5, atol=1e-6)

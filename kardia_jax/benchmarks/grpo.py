@@ -59,6 +59,8 @@ flags.DEFINE_bool("trl", True, "Also time TRL's GRPOTrainer (needs the `bench` e
 flags.DEFINE_bool("interleave", False, "Alternate TRL and kardia_jax timed steps instead of timing them in two blocks.")
 flags.DEFINE_bool("judge", True, "Also time the rubric judge added to kardia_jax's step.")
 flags.DEFINE_integer("judge_context_tokens", 512, "Judge prompt budget for persona + dialogue (config.judge default).")
+flags.DEFINE_integer("judge_context_buckets", 3, "Context widths the judge reads (config.judge.context_buckets); the "
+                     "benchmark also times 1 (every context at the full budget) for comparison.")
 flags.DEFINE_integer("judge_response_tokens", 0, "Judge prompt budget for the response; 0: --new_tokens.")
 FLAGS = flags.FLAGS
 
@@ -210,11 +212,12 @@ class KardiaGRPO:
             raise AssertionError(f"kardia_jax GRPO loss is {float(self.stats['loss'])}.")
         return KardiaResult(_medians(self.records), [r["step"] for r in self.records], None)
 
-    def judge_cost(self, repeats: int, context_tokens: int, response_tokens: int) -> dict[str, Any]:
+    def judge_cost(self, repeats: int, context_tokens: int, response_tokens: int,
+                   context_buckets: int = 1) -> dict[str, Any]:
         """The reward phase re-timed with a policy-sized rubric judge in it, on the last step's completions."""
         return _judge_cost(self.model_config, self.tokenizer, self.out, self.num_prompts, self.num_samples, repeats,
                            context_tokens, response_tokens or self.new_tokens, _medians(self.records)["reward"],
-                           self.config.grpo)
+                           self.config.grpo, context_buckets)
 
 
 def kardia_grpo(model, prompts: np.ndarray, *, num_samples: int, new_tokens: int, repeats: int = 3, warmup: int = 1,
@@ -233,9 +236,10 @@ def kardia_grpo(model, prompts: np.ndarray, *, num_samples: int, new_tokens: int
 
 
 def _judge_cost(model_config, tokenizer, out, num_prompts: int, num_samples: int, repeats: int, context_tokens: int,
-                response_tokens: int, reward_time: float, g) -> dict[str, Any]:
-    """Median time of the reward phase with a policy-sized rubric judge in it, on completions `out`."""
-    from kardia_jax.data.pipeline import load_samples
+                response_tokens: int, reward_time: float, g, context_buckets: int = 1) -> dict[str, Any]:
+    """Median time of the reward phase with a policy-sized rubric judge in it, on completions `out`, the
+    judge contexts cut to `context_buckets` widths as the GRPO pipeline cuts them."""
+    from kardia_jax.data.pipeline import cut_contexts, load_samples
     from kardia_jax.data.sources import sample_path
     from kardia_jax.grpo.loss import group_advantages
     from kardia_jax.models.decoder import Decoder
@@ -246,7 +250,8 @@ def _judge_cost(model_config, tokenizer, out, num_prompts: int, num_samples: int
                         max_response_tokens=response_tokens)
     judge_params = nnx.split(judge_model)[1]
     samples, _ = load_samples(sample_path(), "train")
-    contexts = jax.tree.map(jnp.asarray, judge.prepare_contexts([samples[i % len(samples)] for i in range(num_prompts)]))
+    contexts = judge.prepare_contexts([samples[i % len(samples)] for i in range(num_prompts)])
+    contexts = jax.tree.map(jnp.asarray, cut_contexts(contexts, context_buckets))
 
     @jax.jit
     def score_with_judge(judge_params, completion, mask, contexts):
@@ -270,7 +275,7 @@ def _judge_cost(model_config, tokenizer, out, num_prompts: int, num_samples: int
     return {
         "reward_with_judge": with_judge,
         "judge": with_judge - reward_time,
-        "prompt_length": judge.prompt_length,
+        "prompt_length": judge.prompt_length - context_tokens + contexts["context_ids"].shape[1],
         "rows": out.tokens.shape[0],
         "shared_vocab": judge.shared_vocab,
         "tokenizer_vocab": tokenizer.vocab_size,
@@ -479,7 +484,14 @@ def main(_):
               "update = loss forward + backward + clip + optimizer.step)", flush=True)
 
     if FLAGS.judge:
-        j = runner.judge_cost(repeats, FLAGS.judge_context_tokens, FLAGS.judge_response_tokens)
+        full = runner.judge_cost(repeats, FLAGS.judge_context_tokens, FLAGS.judge_response_tokens, 1)
+        j = runner.judge_cost(repeats, FLAGS.judge_context_tokens, FLAGS.judge_response_tokens,
+                              FLAGS.judge_context_buckets)
+        for label, cost in (("contexts at the full budget", full),
+                            (f"contexts in {FLAGS.judge_context_buckets} widths", j)):
+            share = cost["judge"] / (t_ours["step"] + cost["judge"])
+            print(f"judge, {label}: {cost['prompt_length']}-token prompts, {_seconds(cost['judge'])} per step, "
+                  f"{100 * share:.0f}% of the step with the judge", flush=True)
         step_with_judge = t_ours["step"] + j["judge"]
         print(f"kardia_jax + rubric judge ({BENCH_PRESET} judge, {j['rows']} rows x {j['prompt_length']}-token prompts, "
               f"5 criteria): reward phase {_seconds(j['reward_with_judge'])} (was {_seconds(t_ours['reward'])}); judge "

@@ -153,14 +153,18 @@ def sft_pipeline(samples: Sequence[TurnSample], tokenizer: Tokenizer, config: Ba
 
 def grpo_pipeline(samples: Sequence[TurnSample], tokenizer: Tokenizer, config: BatchConfig, *,
                   subset: str = "hard", contexts: Callable[[Sequence[TurnSample]], dict[str, np.ndarray]] | None = None,
-                  process_index: int | None = None, process_count: int | None = None) -> Pipeline:
+                  context_buckets: int = 1, process_index: int | None = None,
+                  process_count: int | None = None) -> Pipeline:
     """Left-padded GRPO prompt batches (prompt_tokens, prompt_mask, emotion_id, sample_index, and
     judge_context when `contexts` is given).
 
     contexts: samples -> {name: [n, ...] array of fixed shape per sample}, e.g. the rubric judge's
     `prepare_contexts`. Called once, up front, on every kept sample (as the prompts are tokenized, step 2
     of the module docstring); each batch then carries its rows under "judge_context", so the training
-    loop only puts them on the mesh.
+    loop only puts them on the mesh. The arrays are right-padded [n, C] with a "context_mask"; a batch's
+    are cut to the narrowest of `context_buckets` widths (`context_widths`) that holds its longest
+    context, chosen like the prompt length from the whole global batch, so that short contexts are not
+    read at the full width C (each width is one more compiled program of the judge).
     """
     indices = _select(samples, subset)
     prompts, stats = _fit_prompts([samples[i] for i in indices], tokenizer, [config.max_length] * len(indices),
@@ -171,14 +175,33 @@ def grpo_pipeline(samples: Sequence[TurnSample], tokenizer: Tokenizer, config: B
          "sample_index": i}
         for i, prompt in kept
     ]
+    widths = ()  # with one bucket, the contexts keep the shape `contexts` gives them
     if contexts is not None and kept:
-        arrays = contexts([samples[i] for i, _ in kept])  # {name: [n, ...]}
+        arrays = contexts([samples[i] for i, _ in kept])  # {name: [n, C]}
+        if context_buckets > 1:
+            widths = context_widths(arrays["context_mask"].shape[1], context_buckets)
         for row, example in enumerate(examples):
             example["judge_context"] = {name: np.asarray(a[row]) for name, a in arrays.items()}
     stats = dataclasses.replace(stats, lengths=np.array([len(e["prompt_tokens"]) for e in examples], np.int32))
     logging.info("GRPO pipeline (%s): %s.", subset, stats.summary())
-    return _build(samples, examples, stats, _PromptBatch(tokenizer.pad_id, config.buckets()), config,
+    return _build(samples, examples, stats, _PromptBatch(tokenizer.pad_id, config.buckets(), widths), config,
                   process_index, process_count)
+
+
+def cut_contexts(arrays: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """Right-padded judge contexts {"context_ids", "context_mask": [B, C]} cut to the narrowest of
+    `context_widths(C, count)` that holds their longest row (what a `grpo_pipeline` batch carries)."""
+    widths = context_widths(arrays["context_mask"].shape[1], count)
+    width = _bucket(int(np.asarray(arrays["context_mask"]).sum(axis=1).max()), widths)
+    return {name: a[:, :width] for name, a in arrays.items()}
+
+
+def context_widths(width: int, count: int, multiple: int = 64) -> tuple[int, ...]:
+    """The `count` judge-context widths of a budget of `width` tokens: width / 2^k for k < count, rounded
+    up to a multiple of `multiple`, ascending, the last `width` itself (e.g. 1536, 3: 384, 768, 1536)."""
+    if count < 1:
+        raise ValueError(f"context_buckets={count}: need at least 1 (1: every context at the full width).")
+    return tuple(sorted({min(width, -(-(-(-width // 2 ** k)) // multiple) * multiple) for k in range(count)}))
 
 
 def _select(samples: Sequence[TurnSample], subset: str) -> list[int]:
@@ -295,15 +318,20 @@ class _SftBatch:
 
 
 class _PromptBatch:
-    """Stacks GRPO prompts into a left-padded batch."""
+    """Stacks GRPO prompts into a left-padded batch, and their judge contexts (if any) cut to a width."""
 
-    def __init__(self, pad_id: int, buckets: tuple[int, ...]):
-        self.pad_id, self.buckets = pad_id, buckets
+    def __init__(self, pad_id: int, buckets: tuple[int, ...], context_widths: tuple[int, ...] = ()):
+        self.pad_id, self.buckets, self.context_widths = pad_id, buckets, context_widths
 
-    def length(self, examples: Sequence[dict]) -> int:
-        return _bucket(max(len(e["prompt_tokens"]) for e in examples), self.buckets)
+    def length(self, examples: Sequence[dict]) -> tuple[int, int]:
+        """(prompt length P, judge context width; 0 without contexts) of a global batch."""
+        width = 0
+        if self.context_widths:
+            width = _bucket(max(int(e["judge_context"]["context_mask"].sum()) for e in examples), self.context_widths)
+        return _bucket(max(len(e["prompt_tokens"]) for e in examples), self.buckets), width
 
-    def __call__(self, examples: Sequence[dict], length: int) -> dict[str, np.ndarray]:
+    def __call__(self, examples: Sequence[dict], length: tuple[int, int]) -> dict[str, np.ndarray]:
+        length, width = length
         prompt_tokens = np.full((len(examples), length), self.pad_id, np.int32)  # [B, P]
         prompt_mask = np.zeros((len(examples), length), np.int32)  # [B, P]
         for row, example in enumerate(examples):
@@ -316,7 +344,8 @@ class _PromptBatch:
             "emotion_id": np.array([e["emotion_id"] for e in examples], np.int32),  # [B]
             "sample_index": np.array([e["sample_index"] for e in examples], np.int32),  # [B]
         }
-        if "judge_context" in examples[0]:  # e.g. context_ids, context_mask [B, C]
-            batch["judge_context"] = {name: np.stack([e["judge_context"][name] for e in examples])
+        if "judge_context" in examples[0]:  # e.g. context_ids, context_mask [B, C or a narrower width]
+            cut = slice(None, width or None)  # right-padded: the columns past `width` are padding
+            batch["judge_context"] = {name: np.stack([e["judge_context"][name][cut] for e in examples])
                                       for name in examples[0]["judge_context"]}
         return batch

@@ -121,6 +121,18 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# The preset of each hub checkpoint the configs name: what an ahead-of-time compile builds instead of
+# reading the checkpoint (`config.model.architecture`; `tests/test_aot.py` checks the entries are presets).
+HUB_ARCHITECTURES = {
+    "Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b",
+    "Qwen/Qwen2.5-3B-Instruct": "qwen2.5-3b",
+    "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
+    "Qwen/Qwen3-8B": "qwen3-8b",
+    "google/gemma-2b-it": "gemma-2b",
+    "google/gemma-7b-it": "gemma-7b",
+}
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise KeyError(f"Unknown model preset {name!r}; known presets: {sorted(PRESETS)}.")

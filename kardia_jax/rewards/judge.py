@@ -166,7 +166,8 @@ class RubricJudge(PromptBuilder):
         """The judge prompts (`JudgePrompts`) of N = B·G completions.
 
         completion_ids, completion_mask: [N, T] policy ids (mask 1 up to and including the stop token).
-        contexts: `prepare_contexts`'s dict (on device), or context_ids [B, C] with `context_mask`.
+        contexts: `prepare_contexts`'s dict (on device), or context_ids [B, C] with `context_mask`; C may be
+        any width up to max_context_tokens (the pipeline cuts a batch's contexts to a bucket).
         Completion i reads the context of prompt i // G. Jittable.
         """
         if isinstance(contexts, Mapping):
@@ -184,7 +185,9 @@ class RubricJudge(PromptBuilder):
             return jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (rows, len(ids))), jnp.ones((rows, len(ids)), bool)
 
         pad = self.tokenizer.pad_id
-        context = _pack_left([(context_ids, context_mask), constant(self.mid_ids, b)], self.context_length, pad)
+        # The context block is as wide as the contexts given (a bucket of the pipeline's, at most C) + MID.
+        width = context_ids.shape[1] + len(self.mid_ids)
+        context = _pack_left([(context_ids, context_mask), constant(self.mid_ids, b)], width, pad)
         response = _pack_left([(response, keep), constant(self.tail_ids, n)], self.response_length, pad)
         return JudgePrompts(*context, *response)
 
