@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -68,13 +69,12 @@ def test_a_phase_over_the_headroom_exits_nonzero():
 
 
 def test_loop_accounting_equals_the_loop_free_program():
-    """counted_cost on the scanned, minibatched, chunked update equals XLA's count of the same update
-    compiled without loops at full size (what the extrapolation stands in for when that cannot compile)."""
+    """counted_cost on the scanned, minibatched, chunked update (2 minibatches, 3 logit chunks, 4 scanned
+    layers) counts the FLOPs XLA counts on the same update compiled without any loop at full size."""
     _libtpu()
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
-    from kardia_jax import aot  # pylint: disable=import-outside-toplevel
-    from kardia_jax import sharding  # pylint: disable=import-outside-toplevel
+    from kardia_jax import aot, sharding  # pylint: disable=import-outside-toplevel
     from kardia_jax.models.config import preset  # pylint: disable=import-outside-toplevel
 
     config = load_file("configs/tiny_cpu.py")
@@ -83,8 +83,15 @@ def test_loop_accounting_equals_the_loop_free_program():
     devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
     mesh = sharding.make_mesh(1, 4, 1, devices=devices)
     policy = preset("tiny-kardia", scan_layers=True)
-    counted = aot.counted_cost(config, mesh, policy, None, "update", batch_devices=4)
-    flat = aot.measured_cost(aot.loop_free(config, 8), mesh, policy.replace(scan_layers=False), None, "update")
-    np.testing.assert_allclose(counted[0], flat[0], rtol=0.02)  # FLOPs
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        counted = aot.counted_cost(config, mesh, policy, None, "update")
+        flat_config = load_file("configs/tiny_cpu.py")
+        flat_config.mesh.fsdp = 4
+        flat_config.grpo.prompts_per_step, flat_config.grpo.num_minibatches = 8, 1
+        flat_config.grpo.logits_chunk_size = flat_config.grpo.max_new_tokens
+        flat = aot.measured_cost(flat_config, mesh, policy.replace(scan_layers=False), None, "update")
+        scanned = aot.measured_cost(config, mesh, policy, None, "update")  # as XLA counts it: bodies once
+    np.testing.assert_allclose(counted[0], flat[0], rtol=0.03)  # FLOPs
+    assert scanned[0] < 0.6 * flat[0]  # what the accounting corrects: one layer of four, one part of two
     # Bytes: the loop-free program reads the weights once where the real one reads them per minibatch.
     assert flat[1] * 0.9 < counted[1] < flat[1] * 2.5
