@@ -68,6 +68,7 @@ REHEARSAL_SIZES: dict[str, int] = {
     "data.worker_count": 0,
     "sft.max_steps": 4,
     "sft.global_batch_size": 8,
+    "sft.grad_accum_steps": 1,  # 8 sequences over 8 devices: one microbatch (the TPU configs accumulate)
     "sft.save_every": 2,
     "sft.log_every": 2,
     "sft.eval_max_samples": 8,

@@ -40,7 +40,9 @@ def model_overrides(section: ml_collections.ConfigDict) -> dict[str, Any]:
     """The ModelConfig fields a model section sets on top of a preset or checkpoint: its dtypes, and
     `remat` and `scan_layers` where it has them (`config.model`). A section without `remat` (`config.judge`:
     frozen, never differentiated) gets remat "none"."""
-    overrides = {"param_dtype": section.param_dtype, "dtype": section.dtype, "remat": section.get("remat", "none")}
+    # `in`, not `.get`: a read of a key the section lacks would be an undeclared read (test_config).
+    overrides = {"param_dtype": section.param_dtype, "dtype": section.dtype,
+                 "remat": section.remat if "remat" in section else "none"}
     if "scan_layers" in section:
         overrides["scan_layers"] = section.scan_layers
     return overrides
