@@ -387,8 +387,8 @@ def compile_config(config: ml_collections.ConfigDict, topology: str, names) -> l
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     overrides = loading.model_overrides(config.model)
     policy = preset(architecture(config.model, "model"), **overrides)
-    judge_model = None
-    if config.grpo.reward_weights.rubric > 0 and "score" in names:
+    judge_model = None  # its weights stay resident through every GRPO phase, scored or not
+    if config.grpo.reward_weights.rubric > 0:
         judge_arch = architecture(config.model if config.judge.from_policy else config.judge, "judge")
         judge_model = preset(judge_arch, **loading.model_overrides(config.judge))
     g = config.grpo

@@ -223,7 +223,9 @@ def paper_tpu_config(*, policy: str, topology: str, workdir: str, judge: str = "
     c.sft.eval_batch_size = 64
     # GRPO: hard subset, lr 1e-6, 32 prompts x G = 8, 2 epochs (paper); beta 0.04 (k3), eps 0.2 (ours).
     c.grpo.max_new_tokens = 512
-    c.grpo.num_minibatches = 4
+    # 8 minibatches of 4 prompts x 8 samples: with 4, the update of gemma-2b on v5e-8 needs 25.6 GiB of
+    # temporaries per chip at 2048-token prompts; with 8, 7.3 GiB (python -m kardia_jax.aot).
+    c.grpo.num_minibatches = 8
     # bf16 sampling: the sampler's logprobs drift from the trainer's (python -m
     # kardia_jax.benchmarks.logprob_drift, bench-tiny, 1024 tokens: |delta| mean 1.4e-3, max 7.1e-3, ratio
     # std 1.7e-3 in [0.9946, 1.0071]; float32: max 1.9e-6). Small at 4 layers but it grows with depth and
