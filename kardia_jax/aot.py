@@ -284,30 +284,37 @@ def summary(name: str, reports: list[Report], num_iterations: int, min_headroom:
 
 
 PHASES = ("sft", "sample", "old_logprobs", "reference", "score", "update")
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen7b_tpu.py", "Config file (get_config()).")
-_TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU topology instead of the config's `topology` (e.g. v5e:4x8).")
-_PHASES = flags.DEFINE_list("phases", list(PHASES), f"Phases to compile, of {PHASES}.")
-_MIN_HEADROOM = flags.DEFINE_float("min_headroom", 0.10, "Fraction of HBM that must stay free for 'fits'.")
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module is the program (`python -m kardia_jax.aot`):
+    importing it (the tests do) must not claim `--config`, which other entry points define too."""
+    config_flags.DEFINE_config_file("config", "configs/qwen7b_tpu.py", "Config file (get_config()).")
+    flags.DEFINE_string("topology", "", "A TPU topology instead of the config's `topology` (e.g. v5e:4x8).")
+    flags.DEFINE_list("phases", list(PHASES), f"Phases to compile, of {PHASES}.")
+    flags.DEFINE_float("min_headroom", 0.10, "Fraction of HBM that must stay free for 'fits'.")
 
 
 def main(argv):
     del argv
     console.setup(False)
-    config = _CONFIG.value
-    unknown = sorted(set(_PHASES.value) - set(PHASES))
+    args = flags.FLAGS
+    config = args.config
+    unknown = sorted(set(args.phases) - set(PHASES))
     if unknown:
         raise app.UsageError(f"--phases: {unknown} not among {PHASES}.")
-    topology = _TOPOLOGY.value or config.topology
+    topology = args.topology or config.topology
     if not topology:
         raise app.UsageError("The config names no topology (config.topology): pass --topology=v5e:2x4 or similar.")
     if importlib.util.find_spec("libtpu") is None:
         raise SystemExit("kardia_jax.aot needs libtpu as its compiler: pip install -e \".[tpu]\".")
-    reports = compile_config(config, topology, set(_PHASES.value))
-    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
-    line, fits = summary(name, reports, config.grpo.num_iterations, _MIN_HEADROOM.value)
+    reports = compile_config(config, topology, set(args.phases))
+    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(args["config"])))[0]
+    line, fits = summary(name, reports, config.grpo.num_iterations, args.min_headroom)
     print(line)
     sys.exit(0 if fits else 1)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
