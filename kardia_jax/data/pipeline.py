@@ -201,7 +201,8 @@ def context_widths(width: int, count: int, multiple: int = 64) -> tuple[int, ...
     up to a multiple of `multiple`, ascending, the last `width` itself (e.g. 1536, 3: 384, 768, 1536)."""
     if count < 1:
         raise ValueError(f"context_buckets={count}: need at least 1 (1: every context at the full width).")
-    return tuple(sorted({min(width, -(-(-(-width // 2 ** k)) // multiple) * multiple) for k in range(count)}))
+    round_up = lambda n: -(-n // multiple) * multiple
+    return tuple(sorted({min(width, round_up(-(-width // 2 ** k))) for k in range(count)}))
 
 
 def _select(samples: Sequence[TurnSample], subset: str) -> list[int]:
