@@ -67,4 +67,10 @@ def get_config():
     c.judge.from_policy = True
     c.judge.max_context_tokens = 128
     c.judge.max_response_tokens = 64
+
+    # The demo's last stage: the SFT and GRPO exports on the 64 test-split turns, with SFT's budget of new
+    # tokens (the GRPO policy writes shorter answers, so it needs less), and both judge modes.
+    c.eval.max_new_tokens = 96
+    c.eval.batch_size = 64
+    c.eval.judge_mode = "both"
     return c

@@ -66,7 +66,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from kardia_jax import console, sharding  # noqa: E402
-from kardia_jax import config as config_lib  # noqa: E402
+from kardia_jax import config_checks  # noqa: E402
 from kardia_jax.aot_phases import GIB, architecture, build_phases  # noqa: E402
 from kardia_jax.data.pipeline import context_widths  # noqa: E402
 from kardia_jax.models import loading  # noqa: E402
@@ -228,7 +228,7 @@ def compile_config(config: ml_collections.ConfigDict, topology: str, names) -> l
     devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
     chip = chip_of(devices[0].device_kind)
     for stage in ("sft", "grpo") if "sft" in names else ("grpo",):  # the trainers' own checks
-        config_lib.validate(config, stage, device_count=len(devices))
+        config_checks.validate(config, stage, device_count=len(devices))
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     overrides = loading.model_overrides(config.model)
     policy = preset(architecture(config.model, "model"), **overrides)

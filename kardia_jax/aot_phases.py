@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kardia_jax import optim, sft, sharding
-from kardia_jax import config as config_lib
+from kardia_jax import config_checks
 from kardia_jax.grpo.steps import Rollout, Steps
 from kardia_jax.models import loading, positions_from_mask
 from kardia_jax.models.config import DTYPES, ModelConfig
@@ -95,7 +95,7 @@ def architecture(section: ml_collections.ConfigDict, key: str) -> str:
     """The preset to compile for a config section (`model` or `judge`): its preset, else its architecture."""
     name = section.preset or section.architecture
     if not name:
-        raise config_lib.ConfigError(
+        raise config_checks.ConfigError(
             f"{key}.architecture is empty: name the preset with the architecture of {key}.hf_path="
             f"{section.hf_path!r} (one of kardia_jax/models/config.py PRESETS, e.g. 'qwen2.5-7b') so that "
             "the compile needs no checkpoint.")

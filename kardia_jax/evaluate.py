@@ -1,207 +1,102 @@
-"""Evaluation of greedy generations: format-valid rate, emotion accuracy, completion length, truncation.
+"""Evaluation like the paper's table: Emotion accuracy and the five rubric scores per checkpoint.
 
-    metrics = evaluate_generations(model, tokenizer, samples, max_new_tokens=256, batch_size=32,
-                                   max_prompt_len=768)
-    # {"format_valid_rate": 0.91, "emotion_accuracy": 0.42, "mean_completion_length": 71.3,
-    #  "truncation_rate": 0.02, "num_samples": 64, "num_dropped": 0}
+    python -m kardia_jax.evaluate --config=configs/tiny_cpu.py \
+        --checkpoint=sft=runs/tiny_cpu/sft/hf --checkpoint=grpo=runs/tiny_cpu/grpo/hf
 
-Scoring is on text, the way a reader sees a reply: a completion is the generated ids up to (not
-including) its stop token, decoded with the special tokens kept; it is *format valid* when
-`parse_spans` accepts it (all four spans, in order, non-empty, nothing outside them) and *emotion
-correct* when, in addition, its emotion span normalizes to the sample's gold label.
+Each `--checkpoint` is `[LABEL=]PATH`: a Hugging Face directory (e.g. `<workdir>/sft/hf`), an Orbax
+checkpoint written by a trainer (its directory: the newest step; or one step's directory), or `base`
+(the model `config.model` names, e.g. the pretrained backbone). For each, one completion per prompt
+of `data.test_split` (the first `eval.max_samples`; greedy, or sampled at `eval.temperature`), then:
 
-Judge-based scores plug in as `scorers`: callables `(samples, completions) -> {name: per-sample
-scores}` whose means join the metrics (the rubric judge's Relevance, Empathy, ... will be one).
+    Emotion accuracy (%)       the emotion span names the gold label (`evaluation/generation.py`)
+    Relevance ... Safety (1-5) the rubric judge (`config.judge`) in `eval.judge_mode` (`evaluation/judging.py`:
+                               read = training's scorer, decoded = the paper's protocol; both, or none)
+    format-valid rate (%), mean completion length (tokens), truncation rate (%)
 
-Command line (a checkpoint is a Hugging Face directory such as `<workdir>/sft/hf`, or an Orbax
-checkpoint directory such as `<workdir>/sft` (newest step) or `<workdir>/sft/120`):
+each with a 95% interval (Wilson for rates, normal for means: `evaluation/stats.py`) and the number of
+samples. A completion without a response span scores 1 on every criterion; a decoded judge reply that
+does not parse scores 1; both are counted. Prompts that do not fit `data.max_length - eval.max_new_tokens`
+even with their history cut are left out and counted. With `judge.from_policy` the judge is a frozen
+copy of GRPO's starting policy (the one GRPO trained against), the same for every checkpoint.
 
-    python -m kardia_jax.evaluate --config=configs/tiny_cpu.py --checkpoint=runs/tiny_cpu/sft/hf
+Outputs, under `eval.outdir` (default `<workdir>/eval`; local or gs://):
+
+    eval.json               every figure of every checkpoint, with the settings
+    radar.png               the six paper axes, one polygon per checkpoint (`evaluation/report.py`)
+    <label>/samples.jsonl   one line per prompt: its id, the gold emotion, the four spans (or the raw
+                            text), every score and, decoded, the judge's replies
+    <label>/settings.json   what produced samples.jsonl
+
+Resumable: samples.jsonl is rewritten (atomically) after every batch, and a rerun generates only the
+prompts it lacks, when settings.json matches (else it stops and says what differs). The batches are
+split over the mesh like a training batch; every process runs the same loop, process 0 writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from kardia_jax.models import loading
-from kardia_jax import checkpoints, console, scaffold, sharding, storage
-from kardia_jax import config as config_lib
-from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
-from kardia_jax.data.prompts import DifficultyRule
+from kardia_jax import checkpoints, config_checks, console, sharding, storage
 from kardia_jax.data.schema import TurnSample
-from kardia_jax.spans import normalize_emotion, parse_spans
-from kardia_jax.models import Decoder
-from kardia_jax.models.tokenizer import Tokenizer
-from kardia_jax.sampling import SamplingConfig, make_sampler
-
-# (samples, completion texts) -> {metric name: one score per sample}; the means are reported.
-Scorer = Callable[[Sequence[TurnSample], Sequence[str]], Mapping[str, Sequence[float]]]
-
-# Metric name -> how it is printed in a before -> after comparison.
-HEADLINE_METRICS = {"format_valid_rate": "format-valid rate", "emotion_accuracy": "emotion accuracy"}
+from kardia_jax.evaluation import report, stats
+from kardia_jax.evaluation.generation import Settings, generate_batches, score_text, test_samples
+from kardia_jax.evaluation.judging import MODES, EvaluationJudge
+from kardia_jax.models import Decoder, loading
+from kardia_jax.models.tokenizer import Tokenizer, load_tokenizer, tokenizer_path
+from kardia_jax.rewards.combine import RUBRIC_CRITERIA
+from kardia_jax.rewards.judge import load_judge
+from kardia_jax.spans import parse_spans
 
 
-# -- scoring text --------------------------------------------------------------------------------
+def sample_id(sample: TurnSample) -> str:
+    """A prompt's id in samples.jsonl: its dialogue and turn."""
+    return f"{sample.dialogue_id}#{sample.turn_index}"
 
 
-@dataclasses.dataclass(frozen=True)
-class TextScore:
-    format_valid: bool
-    emotion_correct: bool
-    emotion: str | None  # the normalized emotion span, None when the format is invalid
+def judge_modes(judge_mode: str) -> tuple[str, ...]:
+    """eval.judge_mode -> the modes that run ("both": read and decoded; "none": none)."""
+    return {"both": MODES, "none": ()}.get(judge_mode, (judge_mode,))
 
 
-def score_text(text: str, gold_emotion: str) -> TextScore:
-    """Scores one completion text (special tokens kept, stop token removed) against a gold label."""
-    spans = parse_spans(text)
-    if spans is None:
-        return TextScore(False, False, None)
-    emotion = normalize_emotion(spans["emotion"])
-    return TextScore(True, emotion == normalize_emotion(gold_emotion), emotion)
+# -- loading -------------------------------------------------------------------------------------
 
 
-def score_texts(texts: Sequence[str], gold_emotions: Sequence[str], lengths: Sequence[int] | None = None,
-                truncated: Sequence[bool] | None = None) -> dict[str, float]:
-    """Rates over a list of completions: format_valid_rate, emotion_accuracy (and, given the generated
-    lengths / truncation flags, mean_completion_length and truncation_rate)."""
-    if len(texts) != len(gold_emotions):
-        raise ValueError(f"score_texts: {len(texts)} texts but {len(gold_emotions)} gold emotions.")
-    scores = [score_text(t, e) for t, e in zip(texts, gold_emotions)]
-    n = max(len(scores), 1)
-    out = {
-        "format_valid_rate": sum(s.format_valid for s in scores) / n,
-        "emotion_accuracy": sum(s.emotion_correct for s in scores) / n,
-        "num_samples": len(scores),
-    }
-    if lengths is not None:
-        out["mean_completion_length"] = float(np.mean(lengths)) if len(lengths) else 0.0
-    if truncated is not None:
-        out["truncation_rate"] = float(np.mean(truncated)) if len(truncated) else 0.0
-    return out
-
-
-def completion_text(tokenizer: Tokenizer, tokens: np.ndarray, length: int, truncated: bool) -> str:
-    """The text of one generated row: its first `length` ids without the final stop token."""
-    ids = tokens[:length]
-    if not truncated and length:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=False)
-
-
-# -- generating ----------------------------------------------------------------------------------
-
-
-def generate_completions(model: Decoder, tokenizer: Tokenizer, samples: Sequence[TurnSample], *,
-                         max_new_tokens: int, batch_size: int, max_prompt_len: int, mesh=None):
-    """Greedy completions of every sample's prompt.
-
-    Prompts are left-padded to the pipeline's length buckets (so there is one compiled sampler per
-    bucket) and overlong histories lose their oldest exchanges; a prompt that does not fit even then
-    is skipped. The pipeline fills the last batch up with copies of its first row (`valid` 0) so every
-    batch has `batch_size` rows (one program per bucket).
-
-    Returns (kept sample indices, texts, lengths, truncated), in sample order.
-    """
-    batch_size = max(1, min(batch_size, len(samples)))
-    batch_config = BatchConfig(global_batch_size=batch_size, max_length=max_prompt_len, shuffle=False,
-                               num_epochs=1, drop_remainder=False)
-    pipeline = grpo_pipeline(samples, tokenizer, batch_config, subset="all", process_index=0, process_count=1)
-    graphdef, params = nnx.split(model)
-    sampler = make_sampler(graphdef, SamplingConfig(
-        num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tuple(tokenizer.stop_ids),
-        pad_id=tokenizer.pad_id))
-    place = (lambda x: scaffold.replicate(x, mesh)) if mesh is not None else (lambda x: x)
-    key = jax.random.key(0)  # unused by greedy decoding
-
-    indices, texts, lengths, truncated = [], [], [], []
-    for batch in pipeline:
-        n = int(batch["valid"].sum())  # real rows first; the pipeline fills a short last batch up
-        out = sampler(params, place(batch["prompt_tokens"]), place(batch["prompt_mask"]), key)
-        tokens, length, trunc = (sharding.to_host(a)[:n] for a in (out.tokens, out.lengths, out.truncated))
-        for row in range(n):
-            indices.append(int(batch["sample_index"][row]))
-            texts.append(completion_text(tokenizer, tokens[row], int(length[row]), bool(trunc[row])))
-            lengths.append(int(length[row]))
-            truncated.append(bool(trunc[row]))
-    return indices, texts, lengths, truncated
-
-
-def evaluate_generations(model: Decoder, tokenizer: Tokenizer, samples: Sequence[TurnSample], *,
-                         max_new_tokens: int, batch_size: int, max_prompt_len: int, mesh=None,
-                         scorers: Sequence[Scorer] = (), return_completions: bool = False) -> dict:
-    """Greedy-decodes every sample's prompt and scores the completions (see the module docstring).
-
-    Args:
-      model, tokenizer: the policy (possibly sharded; pass its `mesh` then) and its tokenizer.
-      samples: the turn samples to evaluate (e.g. the test split).
-      max_new_tokens: generation budget; a completion that reaches it without a stop token is truncated.
-      batch_size: prompts per sampler call.
-      max_prompt_len: prompt budget in tokens (history truncated from the oldest exchange).
-      scorers: extra per-sample scorers (e.g. the rubric judge); their means are added by name.
-      return_completions: also return {"completions": [{"sample", "text", "score"}, ...]}.
-
-    Returns:
-      {"format_valid_rate", "emotion_accuracy", "mean_completion_length", "truncation_rate",
-       "num_samples" (scored), "num_dropped" (prompts that did not fit), **scorer means}.
-    """
-    indices, texts, lengths, truncated = generate_completions(
-        model, tokenizer, samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        max_prompt_len=max_prompt_len, mesh=mesh)
-    kept = [samples[i] for i in indices]
-    metrics = score_texts(texts, [s.emotion for s in kept], lengths, truncated)
-    metrics["num_dropped"] = len(samples) - len(kept)
-    if metrics["num_dropped"]:
-        logging.warning("%d of %d prompts did not fit max_prompt_len=%d and were not evaluated.",
-                        metrics["num_dropped"], len(samples), max_prompt_len)
-    for scorer in scorers:
-        for name, values in scorer(kept, texts).items():
-            if name in metrics:
-                raise ValueError(f"scorer {scorer!r} returned the metric name {name!r}, which is already taken.")
-            metrics[name] = float(np.mean(values)) if len(values) else 0.0
-    if return_completions:
-        metrics["completions"] = [
-            {"sample": i, "text": t, "score": dataclasses.asdict(score_text(t, samples[i].emotion))}
-            for i, t in zip(indices, texts)
-        ]
-    return metrics
-
-
-def format_comparison(before: Mapping[str, float] | None, after: Mapping[str, float]) -> list[str]:
-    """Lines like "format-valid rate: 0.00 -> 0.91" for the headline metrics ("n/a" when unknown)."""
-    lines = []
-    for key, label in HEADLINE_METRICS.items():
-        old = "n/a" if before is None or before.get(key) is None else f"{before[key]:.2f}"
-        lines.append(f"{label}: {old} -> {after[key]:.2f}")
-    return lines
-
-
-def eval_samples(config: ml_collections.ConfigDict, split: str | None = None, max_samples: int | None = None):
-    """The turn samples of the evaluation split (config.data.test_split), the first `max_samples`
-    (config.sft.eval_max_samples; 0: all)."""
-    data = config.data
-    samples, _ = load_samples(scaffold.data_source(data), split or data.test_split, data.on_bad_row,
-                              DifficultyRule(kind=data.difficulty_rule), data.history)
-    limit = config.sft.eval_max_samples if max_samples is None else max_samples
-    return samples[:limit] if limit else samples
-
-
-# -- loading a checkpoint ------------------------------------------------------------------------
+def parse_checkpoint(arg: str) -> tuple[str, str]:
+    """`[LABEL=]PATH` -> (label, path). Without a label: the path's last part that is not `hf` or a step
+    number (`runs/x/sft/hf` -> sft, `runs/x/grpo/40` -> grpo-40), made safe as a directory name."""
+    label, sep, path = arg.partition("=")
+    if not sep or "/" in label or ":" in label:
+        label, path = "", arg
+    if not label:
+        parts = [p for p in path.rstrip("/").split("/") if p]
+        step = parts.pop() if parts and parts[-1].isdigit() else ""
+        while parts and parts[-1] == "hf":
+            parts.pop()
+        label = "-".join(x for x in ((parts[-1] if parts else path), step) if x)
+    return re.sub(r"[^\w.-]", "_", label), path
 
 
 def load_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, mesh) -> tuple[Decoder, Tokenizer]:
     """The policy stored at `checkpoint`: a Hugging Face directory (config.json + safetensors, with its
-    tokenizer files if any), or an Orbax checkpoint written by a trainer (its root: the newest step; or
-    one step's directory). An Orbax checkpoint is read into the model `config.model` describes."""
-    files = storage.listdir(checkpoint) if storage.isdir(checkpoint) else []
+    tokenizer files if any), an Orbax checkpoint written by a trainer (its root: the newest step; or one
+    step's directory), read into the model `config.model` describes, or `base`: `config.model` itself."""
+    if checkpoint == "base":
+        return loading.load_policy(config, mesh)
+    files = storage.listdir(checkpoint, key="--checkpoint") if storage.isdir(checkpoint) else []
     if "config.json" in files and any(f.endswith(".safetensors") for f in files):
         return loading.load_policy(loading.with_checkpoint(config, checkpoint), mesh)
 
@@ -214,13 +109,187 @@ def load_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, mesh) ->
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"{checkpoint}: neither a Hugging Face directory (no config.json) nor an "
-                                    "Orbax checkpoint directory (no complete step inside).")
+            raise FileNotFoundError(f"--checkpoint={checkpoint}: neither a Hugging Face directory (no config.json) "
+                                    "nor an Orbax checkpoint directory (no complete step inside), nor 'base'.")
         restored = ckpt.restore(step, nnx.to_pure_dict(state))
     finally:
         ckpt.close()
     logging.info("Loaded step %d of %s.", step, root)
     return nnx.merge(graphdef, restored.params), tokenizer
+
+
+def load_evaluation_judge(config: ml_collections.ConfigDict, mesh) -> EvaluationJudge | None:
+    """The configured judge for evaluation (None when eval.judge_mode is "none"); a `from_policy` judge
+    copies GRPO's starting policy."""
+    if config.eval.judge_mode == "none":
+        return None
+    start = loading.grpo_start_config(config)
+    if config.judge.from_policy:
+        policy, tokenizer = loading.load_policy(start, mesh)
+    else:  # only the tokenizer: the span markers and stop ids the completions hold
+        policy, tokenizer = None, load_tokenizer(start.tokenizer.path or tokenizer_path(), key="tokenizer.path")
+    judge, params = load_judge(config, mesh, tokenizer, policy)
+    del policy
+    return EvaluationJudge(judge, params, mesh, rows=config.eval.batch_size,
+                           decode_tokens=config.eval.judge_decode_tokens)
+
+
+# -- one checkpoint --------------------------------------------------------------------------------
+
+
+def record(sample: TurnSample, text: str, length: int, truncated: bool) -> dict[str, Any]:
+    """The samples.jsonl line of one completion, before the judge's scores."""
+    scored = score_text(text, sample.emotion)
+    return {"id": sample_id(sample), "row": sample.row, "difficulty": sample.difficulty,
+            "gold_emotion": sample.emotion, "spans": parse_spans(text), "text": text,
+            "format_valid": scored.format_valid, "emotion": scored.emotion, "emotion_correct": scored.emotion_correct,
+            "completion_tokens": length, "truncated": truncated, "has_response": None, "scores": {}}
+
+
+def _read_records(directory: str, settings: dict[str, Any], samples: Sequence[TurnSample]) -> dict[int, dict]:
+    """The finished records of an earlier run in `directory` ({sample index: record}), or {} if none;
+    raises when they were made with other settings. Read on process 0 only."""
+    settings_path, samples_path = f"{directory}/settings.json", f"{directory}/samples.jsonl"
+    if not storage.exists(settings_path):
+        return {}
+    before = json.loads(storage.read_text(settings_path))
+    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+    if changed:
+        raise ValueError(
+            f"{directory} holds an evaluation made with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())}); "
+            "it cannot be resumed. Delete that directory, or write elsewhere with --config.eval.outdir=... or another label.")
+    index = {sample_id(s): i for i, s in enumerate(samples)}
+    lines = storage.read_text(samples_path).splitlines() if storage.exists(samples_path) else []
+    found = {}
+    for number, line in enumerate(lines, start=1):
+        line_record = json.loads(line)
+        if line_record["id"] not in index:
+            raise ValueError(f"{samples_path}, line {number}: prompt {line_record['id']!r} is not among the "
+                             f"{len(samples)} evaluated prompts; delete {directory} to start over.")
+        found[index[line_record["id"]]] = line_record
+    return found
+
+
+def _done_mask(records: dict[int, dict], num_samples: int) -> np.ndarray:
+    """[num_samples] bool: which prompts process 0's records hold, the same on every process."""
+    done = np.zeros(num_samples, np.int32)
+    done[list(records)] = 1
+    if jax.process_count() > 1:
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    return done.astype(bool)
+
+
+def evaluate_checkpoint(model: Decoder, tokenizer: Tokenizer, samples: Sequence[TurnSample], *, label: str,
+                        directory: str, generation: Settings, judge: EvaluationJudge | None,
+                        modes: Sequence[str], settings: dict[str, Any], mesh) -> list[dict[str, Any]]:
+    """Generates, judges and records every prompt not yet in `directory`/samples.jsonl; returns every
+    record of the checkpoint, in sample order (module docstring)."""
+    primary = jax.process_index() == 0
+    records = _read_records(directory, settings, samples) if primary else {}
+    done = _done_mask(records, len(samples))
+    todo = [i for i in range(len(samples)) if not done[i]]
+    if primary:
+        storage.write_text(f"{directory}/settings.json", json.dumps(settings, indent=1))
+        if records:
+            logging.info("%s: resuming, %d of %d prompts already evaluated.", label, len(records), len(samples))
+    bar = tqdm.tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"eval {label}", unit="prompt",
+                    dynamic_ncols=True, disable=not primary)
+    with bar:
+        for batch in generate_batches(model, tokenizer, [samples[i] for i in todo], generation, mesh):
+            indices = [todo[i] for i in batch.indices]
+            rows = [record(samples[i], *fields) for i, fields in zip(indices, zip(batch.texts, batch.lengths, batch.truncated))]
+            for mode in modes:
+                scored = judge.score(mode, [samples[i] for i in indices], batch.texts)
+                for r, row in enumerate(rows):
+                    row["has_response"] = bool(scored.has_response[r])
+                    row["scores"][mode] = {c: float(scored.scores[r, k]) for k, c in enumerate(RUBRIC_CRITERIA)}
+                    if scored.parsed is not None:
+                        row["parsed"] = {c: bool(scored.parsed[r, k]) for k, c in enumerate(RUBRIC_CRITERIA)}
+                        row["judge_replies"] = dict(zip(RUBRIC_CRITERIA, scored.replies[r]))
+            records.update(zip(indices, rows))
+            if primary:
+                storage.write_text(f"{directory}/samples.jsonl",
+                                   "".join(json.dumps(records[i]) + "\n" for i in sorted(records)))
+            bar.update(len(rows))
+            accuracy = np.mean([records[i]["emotion_correct"] for i in records]) if records else 0.0
+            bar.set_postfix_str(f"emotion acc {100 * accuracy:.1f}%")
+    return [records[i] for i in sorted(records)]
+
+
+# -- the job ---------------------------------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict, checkpoint_args: Sequence[str]) -> dict[str, Any]:
+    """Evaluates each `[LABEL=]PATH` of `checkpoint_args` (module docstring); prints the table on process 0 and
+    returns {label: `stats.summarize` output, with "num_dropped"} (also in eval.json)."""
+    config_checks.validate(config, "eval")
+    e = config.eval
+    labels = [parse_checkpoint(c) for c in checkpoint_args]
+    if not labels:
+        raise app.UsageError("Give at least one --checkpoint=[LABEL=]PATH (e.g. runs/tiny_cpu/sft/hf).")
+    repeated = sorted({label for label, _ in labels if [x for x, _ in labels].count(label) > 1})
+    if repeated:
+        raise app.UsageError(f"Checkpoint labels {repeated} repeat: name them, --checkpoint=LABEL=PATH.")
+    outdir = e.outdir or os.path.join(config.workdir, "eval")
+    modes = judge_modes(e.judge_mode)
+    generation = Settings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                          max_prompt_len=config.data.max_length - e.max_new_tokens, temperature=e.temperature,
+                          seed=config.seed)
+    mesh = sharding.mesh_from_config(config.mesh)
+    samples = test_samples(config, e.max_samples)
+    results, correlations = {}, {}
+    with jax.set_mesh(mesh):
+        judge = load_evaluation_judge(config, mesh)
+        for label, path in labels:
+            model, tokenizer = load_checkpoint(config, path, mesh)
+            config_checks.check_policy_positions(config, "eval", model.config)
+            settings = {"checkpoint": path, "split": config.data.test_split, "num_prompts": len(samples),
+                        **dataclasses.asdict(generation), "judge_modes": list(modes),
+                        "judge_decode_tokens": e.judge_decode_tokens, "judge": _judge_source(config)}
+            records = evaluate_checkpoint(model, tokenizer, samples, label=label, directory=f"{outdir}/{label}",
+                                          generation=generation, judge=judge, modes=modes, settings=settings, mesh=mesh)
+            del model
+            results[label] = stats.summarize(records, modes) | {"num_dropped": len(samples) - len(records)}
+            if len(modes) == 2:
+                correlations[label] = stats.correlations(records, *MODES)
+    if jax.process_index() == 0:
+        _write_outputs(outdir, results, correlations, config, labels, modes)
+    return results
+
+
+def _judge_source(config: ml_collections.ConfigDict) -> str:
+    j = config.judge
+    if config.eval.judge_mode == "none":
+        return "none"
+    return "from_policy" if j.from_policy else (j.hf_path or f"preset {j.preset}")
+
+
+def _write_outputs(outdir, results, correlations, config, labels, modes) -> None:
+    """eval.json, radar.png and the printed table (process 0)."""
+    paths = dict(labels)
+    summary = {
+        "split": config.data.test_split, "judge_modes": list(modes), "judge": _judge_source(config),
+        "intervals": {"rates": "wilson", "means": "normal", "level": 0.95},
+        "checkpoints": {label: {"path": paths[label], **stats.to_json(r), "read_vs_decoded_pearson":
+                                stats.to_json(correlations.get(label))} for label, r in results.items()},
+    }
+    storage.write_text(f"{outdir}/eval.json", json.dumps(summary, indent=1))
+    outputs = {"eval.json": f"{outdir}/eval.json"}
+    mode = report.primary_mode(modes)
+    if mode is not None:
+        storage.write_bytes(f"{outdir}/radar.png", report.plot_radar(results, mode))
+        outputs["radar chart"] = f"{outdir}/radar.png"
+    outputs |= {f"{label} samples": f"{outdir}/{label}/samples.jsonl" for label in results}
+    print()
+    print(f"Evaluation on {config.data.test_split} (95% intervals: Wilson for %, normal for means):")
+    print(report.format_table(results))
+    notes = report.format_notes(results, correlations)
+    if notes:
+        print(notes)
+    for label, r in results.items():
+        if r["num_dropped"]:
+            print(f"{label}: {r['num_dropped']} prompts did not fit data.max_length - eval.max_new_tokens and were left out")
+    console.print_outputs("evaluate", outputs)
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -229,35 +298,15 @@ def _define_flags() -> None:
     """Command-line flags, defined only when this module is the program (so that importing it from
     another entry point, which defines its own --config, does not clash)."""
     config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py", "Config file (get_config()).")
-    flags.DEFINE_string("checkpoint", None, "HF directory or Orbax checkpoint directory.")
-    flags.DEFINE_string("split", "", "Split to evaluate (default: config.data.test_split).")
-    flags.DEFINE_integer("max_samples", -1, "Samples to evaluate (-1: config.sft.eval_max_samples; 0: all).")
-    flags.DEFINE_integer("show", 2, "Completions to print.")
+    flags.DEFINE_multi_string("checkpoint", [], "[LABEL=]PATH: a HF directory, an Orbax checkpoint directory, "
+                                                "or 'base' (config.model); repeat to compare.")
 
 
 def main(argv):
     del argv
-    args = flags.FLAGS
-    config = args.config
-    if not args.checkpoint:
-        raise app.UsageError("--checkpoint is required (e.g. runs/tiny_cpu/sft/hf).")
+    config = flags.FLAGS.config
     console.setup(config.distributed)
-    config_lib.validate(config, "eval")
-    mesh = sharding.mesh_from_config(config.mesh)
-    with jax.set_mesh(mesh):
-        model, tokenizer = load_checkpoint(config, args.checkpoint, mesh)
-        config_lib.check_policy_positions(config, "eval", model.config)
-        samples = eval_samples(config, args.split or None, None if args.max_samples < 0 else args.max_samples)
-        metrics = evaluate_generations(
-            model, tokenizer, samples, max_new_tokens=config.sft.eval_max_new_tokens,
-            batch_size=config.sft.eval_batch_size,
-            max_prompt_len=config.data.max_length - config.sft.eval_max_new_tokens, mesh=mesh,
-            return_completions=True)
-    if jax.process_index() == 0:
-        for c in metrics.pop("completions")[:args.show]:
-            print(f"--- sample {c['sample']} (gold {samples[c['sample']].emotion}): {c['text']}")
-        for key, value in metrics.items():
-            print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    run(config, flags.FLAGS.checkpoint)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,9 @@ REHEARSAL_SIZES: dict[str, int] = {
     "grpo.eval_max_samples": 8,
     "judge.max_context_tokens": 160,
     "judge.max_response_tokens": 16,
+    "eval.max_samples": 12,  # a full batch of 8 and a partial one
+    "eval.max_new_tokens": 16,
+    "eval.batch_size": 8,
 }
 # What else may be overridden: sizes, counts and intervals. Anything not matched here is refused.
 SIZE_KEYS = re.compile(
@@ -93,7 +96,8 @@ SIZE_KEYS = re.compile(
     r"|eval_max_samples|eval_max_new_tokens|eval_batch_size|logits_chunk_size)"
     r"|grpo\.(max_steps|num_epochs|prompts_per_step|num_samples|num_iterations|num_minibatches|max_new_tokens"
     r"|save_every|max_to_keep|log_every|print_samples_every|eval_max_samples|logits_chunk_size)"
-    r"|judge\.(max_context_tokens|max_response_tokens|rows_per_chunk|context_buckets))$"
+    r"|judge\.(max_context_tokens|max_response_tokens|rows_per_chunk|context_buckets)"
+    r"|eval\.(max_samples|max_new_tokens|batch_size|judge_decode_tokens))$"
 )
 JOBS = ("sft", "train", "evaluate")
 

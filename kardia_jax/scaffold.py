@@ -81,6 +81,16 @@ def replicate(x: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), np.asarray(x))
 
 
+def distribute(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The same host array [R, ...] (identical on every process) as a jax.Array whose rows are split over
+    ('data', 'fsdp') like a training batch, each device holding only its own rows; replicated when R does
+    not divide over those devices (evaluation validates its batch sizes so that it does)."""
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return replicate(x, mesh)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda index: x[index])
+
+
 def split_minibatches(tree, k: int, *, num_groups: int | None = None, rules=None):
     """Splits every array's leading (row) axis into k minibatches: [R, ...] -> [k, R / k, ...].
 

@@ -41,8 +41,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from kardia_jax.models import loading
-from kardia_jax import checkpoints, console, evaluate, metrics, optim, scaffold, sharding
-from kardia_jax import config as config_lib
+from kardia_jax import checkpoints, console, metrics, optim, scaffold, sharding
+from kardia_jax import config_checks
+from kardia_jax.evaluation import generation
 from kardia_jax.data.pipeline import BatchConfig, load_samples, sft_pipeline
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.models import fused_token_loss
@@ -137,7 +138,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 def _evaluate(graphdef, params, tokenizer, samples, config, mesh) -> dict[str, Any]:
     sft = config.sft
-    return evaluate.evaluate_generations(
+    return generation.evaluate_generations(
         nnx.merge(graphdef, params), tokenizer, samples, max_new_tokens=sft.eval_max_new_tokens,
         batch_size=sft.eval_batch_size, max_prompt_len=config.data.max_length - sft.eval_max_new_tokens, mesh=mesh)
 
@@ -162,7 +163,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
     "mean_completion_length_*", "truncation_rate_*", "before": {...}, "after": {...}, "final_loss",
     "start_step"}.
     """
-    config_lib.validate(config, "sft")
+    config_checks.validate(config, "sft")
     sft, data = config.sft, config.data
     workdir = os.path.join(config.workdir, "sft")
     mesh = sharding.mesh_from_config(config.mesh)
@@ -170,7 +171,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
     snapshot = scaffold.config_snapshot(config)
     with jax.set_mesh(mesh):
         model, tokenizer = loading.load_policy(config, mesh)
-        config_lib.check_policy_positions(config, "sft", model.config)
+        config_checks.check_policy_positions(config, "sft", model.config)
         graphdef, params = scaffold.split_params(model)
         del model
 
@@ -180,7 +181,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
         pipeline = sft_pipeline(samples, tokenizer, BatchConfig(
             global_batch_size=sft.global_batch_size, max_length=data.max_length, overlong=data.overlong,
             seed=config.seed, num_epochs=sft.num_epochs, worker_count=data.worker_count), subset=sft.subset)
-        test_samples = evaluate.eval_samples(config)
+        test_samples = generation.test_samples(config, sft.eval_max_samples)
 
         total_steps = pipeline.batches_per_epoch * sft.num_epochs
         if sft.max_steps:
@@ -263,7 +264,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
 def _print_results(results: dict[str, Any], workdir: str) -> None:
     """The before/after table, then where the run's files are (`workdir`: `<config.workdir>/sft`)."""
     if jax.process_index() == 0:
-        print("\n".join(evaluate.format_comparison(results.get("before"), results["after"])), flush=True)
+        print("\n".join(generation.format_comparison(results.get("before"), results["after"])), flush=True)
     console.print_outputs("SFT", {
         "checkpoints": workdir, "model (HF)": os.path.join(workdir, "hf"),
         "metrics": os.path.join(workdir, metrics.METRICS_FILENAME),

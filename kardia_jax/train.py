@@ -28,11 +28,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from kardia_jax import checkpoints, console, metrics, optim, scaffold, sharding, storage
-from kardia_jax import config as config_lib
+from kardia_jax import checkpoints, console, metrics, optim, scaffold, sharding
+from kardia_jax import config_checks
 from kardia_jax.data.pipeline import BatchConfig, grpo_pipeline, load_samples
 from kardia_jax.data.prompts import DifficultyRule
 from kardia_jax.grpo import report
@@ -43,16 +43,6 @@ from kardia_jax.rewards.judge import load_judge
 
 
 # -- set-up ----------------------------------------------------------------------------------------
-
-
-def _initial_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config whose `model.*` and `tokenizer.*` `loading.load_policy` reads: grpo.init_from if set,
-    else the SFT export `<workdir>/sft/hf` once it is complete (local or gs://), with the tokenizer saved
-    there (it carries the span markers SFT trained), else the config's own model."""
-    sft_hf = os.path.join(config.workdir, "sft", "hf")
-    start = config.grpo.init_from or (sft_hf if storage.is_complete(sft_hf) else "")
-    logging.info("GRPO starts from %s", start or f"model preset {config.model.preset!r}")
-    return loading.with_checkpoint(config, start) if start else ml_collections.ConfigDict(config.to_dict())
 
 
 def _pipelines(config: ml_collections.ConfigDict, tokenizer, judge):
@@ -80,14 +70,14 @@ def _pipelines(config: ml_collections.ConfigDict, tokenizer, judge):
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """GRPO from config; returns {"before": reward table, "after": reward table, "steps": n}."""
-    config_lib.validate(config, "grpo")
+    config_checks.validate(config, "grpo")
     g = config.grpo
     mesh = sharding.mesh_from_config(config.mesh)
     workdir = os.path.join(config.workdir, "grpo")
     snapshot = scaffold.config_snapshot(config)
     with jax.set_mesh(mesh):
-        model, tokenizer = loading.load_policy(_initial_model_config(config), mesh)
-        config_lib.check_policy_positions(config, "grpo", model.config)
+        model, tokenizer = loading.load_policy(loading.grpo_start_config(config), mesh)
+        config_checks.check_policy_positions(config, "grpo", model.config)
         judge, judge_params = load_judge(config, mesh, tokenizer, model) if g.reward_weights.rubric > 0 else (None, None)
         graphdef, params = scaffold.split_params(model)
         del model

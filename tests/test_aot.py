@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from kardia_jax.config import load_file, validate
+from kardia_jax.config import load_file
+from kardia_jax.config_checks import validate
 from kardia_jax.models.config import HUB_ARCHITECTURES, PRESETS
 
 TPU_CONFIGS = ("qwen3b_tpu", "qwen7b_tpu", "gemma2b_tpu", "gemma7b_tpu")

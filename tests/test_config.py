@@ -13,9 +13,10 @@ import ml_collections
 import pytest
 from flax import nnx
 
-from kardia_jax import config as config_lib
+from kardia_jax import config_checks
 from kardia_jax import evaluate, sft, train
-from kardia_jax.config import ConfigError, base_config, check_policy_positions, validate
+from kardia_jax.config import base_config
+from kardia_jax.config_checks import ConfigError, check_policy_positions, validate
 from kardia_jax.models import Decoder, preset
 from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 from kardia_jax.rewards.judge import RubricJudge
@@ -40,7 +41,7 @@ def declared_devices(config) -> int:
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-@pytest.mark.parametrize("stage", config_lib.STAGES)
+@pytest.mark.parametrize("stage", config_checks.STAGES)
 def test_shipped_configs_validate(path, stage):
     config = load_config_file(path)
     validate(config, stage, device_count=declared_devices(config))
@@ -55,6 +56,7 @@ def valid_config():
     c.sft.global_batch_size = 16
     c.sft.grad_accum_steps = 2
     c.sft.eval_max_new_tokens = 32
+    c.eval.max_new_tokens = 32
     c.grpo.prompts_per_step = 8
     c.grpo.num_minibatches = 2
     c.judge.from_policy = True
@@ -62,7 +64,7 @@ def valid_config():
 
 
 def test_the_valid_config_validates():
-    for stage in config_lib.STAGES:
+    for stage in config_checks.STAGES:
         validate(valid_config(), stage, device_count=DEVICES)
 
 
@@ -112,7 +114,14 @@ BAD_CASES = [
     (_set_reward("rubric", -1.0), "grpo", r"grpo\.reward_weights=.*finite and >= 0"),
     (lambda c: [_set_reward(n, 0.0)(c) for n in ("format", "emotion", "rubric")], "grpo", r"at least one is > 0"),
     (_set(judge__rows_per_chunk=-1), "grpo", r"judge\.rows_per_chunk=-1: must be >= 0"),
-    (_set(sft__eval_max_new_tokens=256), "eval", r"sft\.eval_max_new_tokens=256 leaves no prompt budget in data\.max_length=256"),
+    (_set(sft__eval_max_new_tokens=256), "sft", r"sft\.eval_max_new_tokens=256 leaves no prompt budget in data\.max_length=256"),
+    (_set(eval__max_new_tokens=256), "eval", r"eval\.max_new_tokens=256 leaves no prompt budget in data\.max_length=256"),
+    (_set(eval__batch_size=12), "eval", r"eval\.batch_size=12 must be a multiple of the 8 devices"),
+    (_set(eval__judge_mode="sampled"), "eval", r"eval\.judge_mode='sampled': use one of \('read', 'decoded', 'both', 'none'\)"),
+    (_set(eval__judge_decode_tokens=0), "eval", r"eval\.judge_decode_tokens=0: must be a positive integer"),
+    (_set(eval__temperature=-1.0), "eval", r"eval\.temperature=-1\.0: must be >= 0"),
+    (_set(eval__max_samples=-1), "eval", r"eval\.max_samples=-1: must be an integer >= 0"),
+    (_set(judge__from_policy=False), "eval", r"judge: set exactly one of .*got none \(eval\.judge_mode='read' needs the judge\)"),
     (_set(sft__log_every=0), "sft", r"sft\.log_every=0: must be a positive integer"),
     (_set(grpo__max_new_tokens=0), "grpo", r"grpo\.max_new_tokens=0: must be a positive integer"),
     (_set(grpo__log_every=0), "grpo", r"grpo\.log_every=0: must be a positive integer"),
@@ -141,9 +150,10 @@ def test_one_error_lists_every_problem():
 
 def test_stages_check_only_what_they_use():
     config = valid_config()
-    config.judge.from_policy = False  # no judge: SFT and evaluation do not need one
+    config.judge.from_policy = False  # no judge: SFT does not need one
     config.grpo.reward_weights.rubric = 0.0  # nor GRPO without the rubric
-    for stage in config_lib.STAGES:
+    config.eval.judge_mode = "none"  # nor evaluation without the rubric scores
+    for stage in config_checks.STAGES:
         validate(config, stage, device_count=DEVICES)
 
 
@@ -169,7 +179,7 @@ def test_entry_points_validate_before_loading(monkeypatch):
         train.run(config)
     # evaluate.main reads its flags from absl's FLAGS (which console.setup reads too, for --verbosity).
     monkeypatch.setattr(evaluate.console, "setup", lambda distributed: None)
-    monkeypatch.setattr(evaluate.flags, "FLAGS", types.SimpleNamespace(config=config, checkpoint="unused"))
+    monkeypatch.setattr(evaluate.flags, "FLAGS", types.SimpleNamespace(config=config, checkpoint=["unused"]))
     with pytest.raises(ConfigError, match="cannot run eval"):
         evaluate.main([])
 

@@ -17,6 +17,7 @@ from kardia_jax.models.tokenizer import load_tokenizer, tokenizer_path
 from kardia_jax.rewards import RUBRIC_CRITERIA, rubric
 from kardia_jax.rewards.judge import RubricJudge, load_judge, scores_from_logits
 from kardia_jax.rewards.judge_prompts import JudgePrompts
+from kardia_jax.evaluation.judging import EvaluationJudge
 
 CONTEXT_TOKENS, RESPONSE_TOKENS = 100, 12  # contexts of 80 tokens and over budget: different lengths
 B, G = 4, 2  # prompts x completions per prompt = the 8 completions below
@@ -177,11 +178,15 @@ def test_completions_without_a_response_span_score_zero(model, judge, score_ids,
                    np.asarray(jax.jit(retokenized.score_ids)(params, tokens, mask, contexts))):
         np.testing.assert_array_equal(scores[~HAS_SPAN], 0.0)
         assert np.all(scores[HAS_SPAN] > 1e-3) and np.all(scores[HAS_SPAN] < 1 - 1e-3)
-    # Evaluation reports them at the bottom of the 1-5 scale.
+    # Evaluation reports them at the bottom of the 1-5 scale, and the others at 1 + 4 x the host path's score.
     texts = judge.decode_completions(tokens, mask)
     rows = [samples[i // G] for i in range(len(texts))]
-    evaluated = judge.scorer(params, batch_size=len(texts))(rows, texts)
-    np.testing.assert_array_equal(evaluated["judge_empathy"][~HAS_SPAN], 1.0)
+    mesh = sharding.make_mesh(fsdp=-1)
+    with jax.set_mesh(mesh):
+        evaluated = EvaluationJudge(judge, params, mesh, rows=len(texts), decode_tokens=1).score("read", rows, texts)
+    np.testing.assert_array_equal(evaluated.has_response, HAS_SPAN)
+    np.testing.assert_array_equal(evaluated.scores[~HAS_SPAN], 1.0)
+    np.testing.assert_allclose(evaluated.scores, 1.0 + 4.0 * judge.score_texts(params, texts, rows), rtol=1e-6, atol=1e-6)
 
 
 def test_prefix_sharing_equals_five_full_prompts(model, judge, batch):

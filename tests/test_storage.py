@@ -27,7 +27,7 @@ from huggingface_hub.file_download import repo_folder_name
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kardia_jax.models import loading
-from kardia_jax import metrics, scaffold, storage, train
+from kardia_jax import metrics, scaffold, storage
 from kardia_jax.checkpoints import Checkpointer
 from kardia_jax.config import base_config
 from kardia_jax.data import sources
@@ -278,14 +278,14 @@ def test_grpo_starts_from_the_complete_sft_export_on_gcs_with_its_tokenizer(gcs_
     config = _grpo_config(gcs_dir)
     hf = f"{gcs_dir}/sft/hf"
     storage.write_text(f"{hf}/config.json", "{}")  # an export still being written: no marker yet
-    assert train._initial_model_config(config).model.preset == "tiny-qwen2"  # pylint: disable=protected-access
+    assert loading.grpo_start_config(config).model.preset == "tiny-qwen2"
 
     stage = tmp_path / "stage"
     stage.mkdir()
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         (stage / name).write_text("{}")
     storage.publish_dir(str(stage), hf)
-    started = train._initial_model_config(config)  # pylint: disable=protected-access
+    started = loading.grpo_start_config(config)
     assert (started.model.hf_path, started.model.preset, started.tokenizer.path) == (hf, "", hf)
     assert config.tokenizer.path == "Qwen/Qwen2.5-7B-Instruct"  # the caller's config is left alone
 
@@ -293,7 +293,7 @@ def test_grpo_starts_from_the_complete_sft_export_on_gcs_with_its_tokenizer(gcs_
 def test_grpo_init_from_a_hub_id_keeps_the_configured_tokenizer(tmp_path):
     config = _grpo_config(str(tmp_path / "run"))
     config.grpo.init_from = "kardia-test/policy"
-    started = train._initial_model_config(config)  # pylint: disable=protected-access
+    started = loading.grpo_start_config(config)
     assert (started.model.hf_path, started.tokenizer.path) == ("kardia-test/policy", "Qwen/Qwen2.5-7B-Instruct")
 
 

@@ -197,6 +197,17 @@ def with_checkpoint(config: ml_collections.ConfigDict, hf_dir: str) -> ml_collec
     return config
 
 
+def grpo_start_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config whose `model.*` and `tokenizer.*` `load_policy` reads for GRPO's starting policy:
+    grpo.init_from if set, else the SFT export `<workdir>/sft/hf` once it is complete (local or gs://),
+    with the tokenizer saved there (it carries the span markers SFT trained), else the config's own
+    model. Also the policy a `judge.from_policy` judge copies, in training and in evaluation."""
+    sft_hf = os.path.join(config.workdir, "sft", "hf")
+    start = config.grpo.init_from or (sft_hf if storage.is_complete(sft_hf) else "")
+    logging.info("GRPO's starting policy: %s", start or f"model preset {config.model.preset!r}")
+    return with_checkpoint(config, start) if start else ml_collections.ConfigDict(config.to_dict())
+
+
 def generation_ids(tokenizer: Tokenizer) -> dict:
     """bos/eos/pad token ids for an exported model's config.json and generation_config.json: eos is
     every stop id (end of turn first), so that `transformers` `generate` stops where our sampler does."""

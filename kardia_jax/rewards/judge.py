@@ -8,7 +8,8 @@ the five tokens "1".."5" (softmax over those five logits), mapped to [0, 1] by (
     scores [N, 5] float32 in [0, 1], columns in RUBRIC_CRITERIA order (rewards/combine.py)
 
 A completion without a response span (`judge_prompts.py`) scores 0 on every criterion, in-graph (its
-row is computed at a fixed shape and discarded); in evaluation (`scorer`) that is 1 on the 1-5 scale.
+row is computed at a fixed shape and discarded); in evaluation (`kardia_jax.evaluation.judging`) that is 1
+on the 1-5 scale.
 
 Prefix sharing, three levels. The prompt HEAD + CONTEXT_p + MID + RESPONSE_i + TAIL + SUFFIX_c
 (`judge_prompts.JudgePrompts`) is prefilled piece by piece, each once at the level where it varies, as a
@@ -45,7 +46,7 @@ positions) is in-graph on both:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,6 @@ from kardia_jax.data.schema import TurnSample
 from kardia_jax.models import Decoder, fan_out_prefix, loading, positions_from_mask
 from kardia_jax.models.tokenizer import load_tokenizer
 from kardia_jax.rewards import rubric
-from kardia_jax.rewards.combine import RUBRIC_CRITERIA
 from kardia_jax.rewards.judge_prompts import NUM_CRITERIA, JudgePrompts, PromptBuilder, group_size, same_vocabulary
 
 
@@ -101,23 +101,6 @@ class RubricJudge(PromptBuilder):
         """Host path: [N, 5] float32 scores of completion texts (decoded with the span markers kept, e.g.
         by `decode_completions`), with the same jitted scorer as the in-graph path."""
         return np.asarray(self._score_prompts_jit(params, self.assemble_texts(completions, samples)))
-
-    def scorer(self, params, batch_size: int = 32) -> Callable[[Sequence[TurnSample], Sequence[str]], dict[str, np.ndarray]]:
-        """A scorer for `kardia_jax.evaluate` scorers: (samples, completions) -> {"judge_<criterion>":
-        [N] expected score on the paper's 1-5 scale}. Scores `batch_size` completions per call (the last
-        batch padded) so one program serves every batch."""
-
-        def score(samples, completions):
-            out = []
-            for start in range(0, len(completions), batch_size):
-                texts = list(completions[start:start + batch_size])
-                rows = list(samples[start:start + batch_size])
-                pad = batch_size - len(texts)
-                out.append(self.score_texts(params, texts + texts[-1:] * pad, rows + rows[-1:] * pad)[:len(texts)])
-            scores = np.concatenate(out) if out else np.zeros((0, NUM_CRITERIA), np.float32)
-            return {f"judge_{name}": 1.0 + 4.0 * scores[:, c] for c, name in enumerate(RUBRIC_CRITERIA)}
-
-        return score
 
     # -- in-graph: the response span and the packing --------------------------------------------------
 

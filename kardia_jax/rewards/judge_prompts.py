@@ -129,7 +129,7 @@ class PromptBuilder:
         self.head_ids, self.mid_ids, self.tail_ids = (encode(p) for p in (self.template.head, self.template.mid, self.template.tail))
         suffixes = [encode(s) for s in self.template.suffixes]
         width = max(len(s) for s in suffixes)
-        self.suffix_ids, self.suffix_mask = _left_padded(suffixes, width, tokenizer.pad_id)  # [5, S]
+        self.suffix_ids, self.suffix_mask = left_padded(suffixes, width, tokenizer.pad_id)  # [5, S]
         self.context_length = self.max_context_tokens + len(self.mid_ids)  # the context block's width
         self.response_length = self.max_response_tokens + len(self.tail_ids)  # the response block's width
         self.prompt_length = len(self.head_ids) + self.context_length + self.response_length  # L, one contiguous prompt
@@ -233,9 +233,9 @@ class PromptBuilder:
         """
         group_size(len(completions), len(samples))
         pad = self.tokenizer.pad_id
-        context, context_mask = _left_padded([[*self.context_ids(s), *self.mid_ids] for s in samples],
+        context, context_mask = left_padded([[*self.context_ids(s), *self.mid_ids] for s in samples],
                                              self.context_length, pad)
-        response, response_mask = _left_padded([[*self.response_ids(t), *self.tail_ids] for t in completions],
+        response, response_mask = left_padded([[*self.response_ids(t), *self.tail_ids] for t in completions],
                                                self.response_length, pad)
         return JudgePrompts(context, context_mask, response, response_mask)
 
@@ -247,12 +247,12 @@ class PromptBuilder:
         n = len(response)
         group = group_size(n, len(context))
         body = [[*context[i // group][context_mask[i // group] > 0], *response[i][response_mask[i] > 0]] for i in range(n)]
-        ids, mask = _left_padded(body, self.prompt_length - len(self.head_ids), self.tokenizer.pad_id)
+        ids, mask = left_padded(body, self.prompt_length - len(self.head_ids), self.tokenizer.pad_id)
         head = np.broadcast_to(self.head_ids, (n, len(self.head_ids)))
         return np.concatenate([head, ids], axis=1), np.concatenate([np.ones_like(head), mask], axis=1)
 
 
-def _left_padded(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def left_padded(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Id lists (each at most `length`) left-padded into ids, mask [len(rows), length] int32."""
     ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
