@@ -28,8 +28,10 @@ Outputs, under `eval.outdir` (default `<workdir>/eval`; local or gs://):
     <label>/settings.json   what produced samples.jsonl
 
 Resumable: samples.jsonl is rewritten (atomically) after every batch, and a rerun generates only the
-prompts it lacks, when settings.json matches (else it stops and says what differs). The batches are
-split over the mesh like a training batch; every process runs the same loop, process 0 writes.
+prompts it lacks, when settings.json matches (else it stops and says what differs); greedy decoding
+makes a resumed run's records those of an uninterrupted one (sampled, at eval.temperature > 0, the
+prompts left over are drawn anew: same distribution, other draws). The batches are split over the mesh
+like a training batch; every process runs the same loop, process 0 writes.
 """
 
 from __future__ import annotations
