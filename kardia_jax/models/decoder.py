@@ -99,7 +99,13 @@ class Decoder(nnx.Module):
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, D] in the compute dtype (scaled by sqrt(D) for Gemma)."""
         dtype = DTYPES[self.config.dtype]
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        # The table gathered whole (as FSDP gathers every weight for its use) and the ids kept split over
+        # the batch: each device looks up only its own rows. Left to itself, the SPMD partitioner gathers
+        # the ids too and computes the whole batch's lookup on every device, then re-splits it.
+        # Cast first, so what is gathered is the compute-dtype table, not the float32 master.
+        table = sharding.constrain(self.embed[...].astype(dtype), (None, None), self.rules)  # [V, D], replicated
+        tokens = self._constrain(tokens, "activation_batch", "activation_length")
+        x = jnp.take(table, tokens, axis=0)
         if self.config.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), dtype)
         return self._constrain(x, "activation_batch", "activation_length", "activation_embed")
