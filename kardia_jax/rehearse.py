@@ -162,7 +162,7 @@ def main(argv):
     del argv
     from kardia_jax import storage  # pylint: disable=import-outside-toplevel
     from kardia_jax.data.sources import sample_path  # pylint: disable=import-outside-toplevel
-    from kardia_jax.rehearsal import gcs, hub  # pylint: disable=import-outside-toplevel
+    from kardia_jax.rehearsal import gcs, hub, stand_ins  # pylint: disable=import-outside-toplevel
 
     config_file = flags.FLAGS["config"].config_filename
     given = user_overrides(sys.argv[1:])
@@ -179,7 +179,7 @@ def main(argv):
         logdir = _LOGDIR.value or os.path.join(scratch, "logs")
         os.makedirs(logdir, exist_ok=True)
         models, datasets = hub_ids(config)
-        cache = hub.seed_cache(os.path.join(scratch, "hub"), {m: hub.TinySize() for m in models},
+        cache = hub.seed_cache(os.path.join(scratch, "hub"), {m: stand_ins.TinySize() for m in models},
                                {ds: sample_path() for ds in datasets})
         print(f"Seeded an offline Hugging Face cache with stand-ins for {models + datasets}")
         bucket = config.workdir[len("gs://"):].split("/", 1)[0]
