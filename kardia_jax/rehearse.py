@@ -13,7 +13,7 @@ Every host-side path a pod takes runs here as it runs there, with local stand-in
                                               as the config says: arrays are not fully addressable
     models, tokenizers by hub id              an offline Hugging Face cache (HF_HUB_OFFLINE=1) seeded with
                                               tiny random models of the same families and tokenizers
-                                              in their formats (`rehearsal.hub`)
+                                              in their formats (`rehearsal.hub`, `rehearsal.stand_ins`)
     data from hf://Jhcircle/KardiaBench       the same cache, holding the shipped sample as KardiaBench's
                                               train.jsonl / test.jsonl
     the gs:// workdir                         gcp-storage-emulator on a loopback port (`rehearsal.gcs`)
