@@ -28,7 +28,6 @@ Preemption: `PreemptionGuard` turns SIGTERM into "save at the next step boundary
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import threading
@@ -36,8 +35,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -45,7 +42,7 @@ from flax import nnx
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
-from kardia_jax import storage
+from kardia_jax import checkpoint_items, storage
 
 _PARAMS = "params"
 _OPT_STATE = "opt_state"
@@ -57,80 +54,6 @@ _METADATA = "metadata"
 def _iterator_state_file(step_dir: epath.Path) -> epath.Path:
     """Where Grain's `CheckpointHandler` keeps this process's iterator state in a checkpoint."""
     return step_dir / _DATA_ITERATOR / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Conversions between what trainers hold and what Orbax stores.
-# ---------------------------------------------------------------------------------------------------
-
-
-def _to_storable_tree(tree: Any, what: str) -> Any:
-    """nnx.State -> pure dict; other pytrees pass through. Rejects typed PRNG keys (pass them as `rng`)."""
-    if isinstance(tree, nnx.State):
-        tree = nnx.to_pure_dict(tree)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-            raise TypeError(
-                f"{what} contains a PRNG key at {jax.tree_util.keystr(path)}. Checkpoint only the "
-                "parameters (e.g. `nnx.state(model, nnx.Param)`) and pass the key as `rng=`."
-            )
-    return tree
-
-
-def _check_target_shardings(abstract_tree: Any, what: str) -> None:
-    """Every target leaf needs a sharding: that is where the restored array will live."""
-    missing = [
-        jax.tree_util.keystr(path)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_tree)
-        if getattr(leaf, "sharding", None) is None
-    ]
-    if missing:
-        raise ValueError(
-            f"{what}: {len(missing)} leaves have no sharding (first: {missing[:3]}). Pass "
-            "jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves (e.g. from jax.eval_shape of the "
-            "sharded init function) or the freshly initialized, sharded arrays themselves."
-        )
-
-
-def _rng_to_json(rng: jax.Array | None) -> dict[str, Any] | None:
-    if rng is None:
-        return None
-    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return {
-            "impl": str(jax.random.key_impl(rng)),
-            "data": np.asarray(jax.device_get(jax.random.key_data(rng))).tolist(),
-        }
-    if rng.dtype != jnp.uint32:
-        raise TypeError(
-            f"rng must be a typed key (jax.random.key) or raw uint32 key data (jax.random.PRNGKey); "
-            f"got dtype {rng.dtype}."
-        )
-    return {"impl": None, "data": np.asarray(jax.device_get(rng)).tolist()}
-
-
-def _rng_from_json(saved: dict[str, Any] | None) -> jax.Array | None:
-    if saved is None:
-        return None
-    data = jnp.asarray(np.asarray(saved["data"], dtype=np.uint32))
-    if saved["impl"] is None:
-        return data
-    return jax.random.wrap_key_data(data, impl=saved["impl"])
-
-
-def _metadata_to_json(metadata: Any) -> dict[str, Any]:
-    """Validates and deep-copies the metadata now, so a later edit by the caller cannot race the save."""
-    if metadata is None:
-        return {}
-    if hasattr(metadata, "to_dict"):  # ml_collections.ConfigDict
-        metadata = metadata.to_dict()
-    try:
-        return json.loads(json.dumps(metadata))
-    except TypeError as error:
-        raise TypeError(
-            f"checkpoint metadata must be JSON-serializable (str/int/float/bool/None, lists, dicts): "
-            f"{error}. Convert such values to strings before saving."
-        ) from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,12 +155,12 @@ class Checkpointer:
         if not force and not self._manager.should_save(step):
             return False
         items = {
-            _PARAMS: ocp.args.StandardSave(_to_storable_tree(params, "params")),
-            _TRAINER_STATE: ocp.args.JsonSave({"step": int(step), "rng": _rng_to_json(rng)}),
-            _METADATA: ocp.args.JsonSave(_metadata_to_json(metadata)),
+            _PARAMS: ocp.args.StandardSave(checkpoint_items.to_storable_tree(params, "params")),
+            _TRAINER_STATE: ocp.args.JsonSave({"step": int(step), "rng": checkpoint_items.rng_to_json(rng)}),
+            _METADATA: ocp.args.JsonSave(checkpoint_items.metadata_to_json(metadata)),
         }
         if opt_state is not None:
-            items[_OPT_STATE] = ocp.args.StandardSave(_to_storable_tree(opt_state, "opt_state"))
+            items[_OPT_STATE] = ocp.args.StandardSave(checkpoint_items.to_storable_tree(opt_state, "opt_state"))
         if data_iterator is not None:  # Grain's handler is synchronous: it reads the state now
             items[_DATA_ITERATOR] = grain_checkpoint.CheckpointSave(data_iterator)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -274,8 +197,8 @@ class Checkpointer:
             _METADATA: ocp.args.JsonRestore(),
         }
         for name, target in targets.items():
-            pure_target = _to_storable_tree(target, name)
-            _check_target_shardings(pure_target, f"restore target for {name!r}")
+            pure_target = checkpoint_items.to_storable_tree(target, name)
+            checkpoint_items.check_target_shardings(pure_target, f"restore target for {name!r}")
             items[name] = ocp.args.StandardRestore(pure_target)
         if data_iterator is not None:
             self._check_iterator_state(step)
@@ -304,7 +227,7 @@ class Checkpointer:
             step=int(trainer_state["step"]),
             params=as_target_type(_PARAMS),
             opt_state=as_target_type(_OPT_STATE),
-            rng=_rng_from_json(trainer_state["rng"]),
+            rng=checkpoint_items.rng_from_json(trainer_state["rng"]),
             metadata=dict(restored[_METADATA]),
         )
 

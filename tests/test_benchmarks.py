@@ -14,6 +14,7 @@ from kardia_jax import models
 from kardia_jax.benchmarks import common
 from kardia_jax.benchmarks import gemm as gemm_bench
 from kardia_jax.benchmarks import grpo as grpo_bench
+from kardia_jax.benchmarks import grpo_trl
 from kardia_jax.models.decoder import Decoder
 
 
@@ -38,7 +39,7 @@ def test_even_fraction_matches_the_trl_reward_function():
     mask = np.ones_like(ids)
     mask[1, 4:] = 0  # a shorter completion: padding is not counted
     ours = np.asarray(grpo_bench._even_fraction(ids, mask))  # pylint: disable=protected-access
-    theirs = grpo_bench.even_fraction_reward([row[m > 0].tolist() for row, m in zip(ids, mask)])
+    theirs = grpo_trl.even_fraction_reward([row[m > 0].tolist() for row, m in zip(ids, mask)])
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
@@ -67,7 +68,7 @@ def test_missing_reference_framework_names_the_bench_extra(monkeypatch, module):
     ("torch", common.set_torch_threads),
     ("torch", common.bench_models),
     ("torch", lambda: gemm_bench.measure(4, 4, 4, "float32", 1)),
-    ("trl", lambda: grpo_bench.trl_grpo(None, np.zeros((1, 1), np.int32), num_samples=1, new_tokens=1)),
+    ("trl", lambda: grpo_trl.trl_grpo(None, np.zeros((1, 1), np.int32), num_samples=1, new_tokens=1)),
 ], ids=["set_torch_threads", "bench_models", "gemm", "trl_grpo"])
 def test_benchmarks_import_their_reference_framework_through_the_guard(monkeypatch, module, call):
     """Where the benchmarks first import torch / trl, a missing one raises the error that names the extra."""

@@ -26,7 +26,7 @@ from kardia_jax.spans import MARKER_TOKENS
 from kardia_jax.models import from_pretrained, positions_from_mask, to_hf_config
 from kardia_jax.data.sources import training_texts
 from kardia_jax.models.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
-from kardia_jax.rehearsal import hub
+from kardia_jax.rehearsal import hub, stand_ins
 from kardia_jax.rewards.judge_prompts import same_vocabulary
 
 # hub id -> (family, num_kv_heads of the 4-head stand-in, tie_word_embeddings), from the real models.
@@ -59,7 +59,7 @@ GEMMA = ("<bos><start_of_turn>user\nProfile: INFJ.\nSituation: a move.\n\nI move
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
     cache_dir = str(tmp_path_factory.mktemp("hf_cache"))
-    return hub.seed_cache(cache_dir, {repo_id: hub.TinySize() for repo_id in MODELS}, {DATASET: sample_path()})
+    return hub.seed_cache(cache_dir, {repo_id: stand_ins.TinySize() for repo_id in MODELS}, {DATASET: sample_path()})
 
 
 @pytest.fixture(autouse=True)
@@ -119,12 +119,12 @@ def test_write_snapshot_commits_by_content_and_offline_reads_check_completeness(
 
 
 def test_same_arguments_write_the_same_commits(seeded, tmp_path):
-    again = hub.seed_cache(str(tmp_path), {"google/gemma-2b-it": hub.TinySize(), "Qwen/Qwen3-8B": hub.TinySize()},
-                           {DATASET: sample_path()})
+    tiny = stand_ins.TinySize()
+    again = hub.seed_cache(str(tmp_path), {"google/gemma-2b-it": tiny, "Qwen/Qwen3-8B": tiny}, {DATASET: sample_path()})
     for repo_id, snapshot in again.models.items():
         assert os.path.basename(snapshot) == os.path.basename(seeded.models[repo_id])
     assert os.path.basename(again.datasets[DATASET]) == os.path.basename(seeded.datasets[DATASET])
-    other = hub.seed_cache(str(tmp_path), {"Qwen/Qwen3-8B": hub.TinySize()}, seed=1)
+    other = hub.seed_cache(str(tmp_path), {"Qwen/Qwen3-8B": stand_ins.TinySize()}, seed=1)
     assert os.path.basename(other.models["Qwen/Qwen3-8B"]) != os.path.basename(seeded.models["Qwen/Qwen3-8B"])
 
 
@@ -201,7 +201,7 @@ def test_transformers_loads_the_stand_in_and_its_logits_equal_kardia_jaxs(seeded
 
 
 def test_base_qwen_model_ends_text_with_endoftext(tmp_path):
-    base = hub.seed_cache(str(tmp_path), {"Qwen/Qwen2.5-3B": hub.TinySize(num_layers=1)}).models["Qwen/Qwen2.5-3B"]
+    base = hub.seed_cache(str(tmp_path), {"Qwen/Qwen2.5-3B": stand_ins.TinySize(num_layers=1)}).models["Qwen/Qwen2.5-3B"]
     hf = transformers.AutoTokenizer.from_pretrained(base)
     end_of_text = hf.convert_tokens_to_ids("<|endoftext|>")
     assert hf.eos_token == "<|endoftext|>" and "<|im_end|>" in hf.get_vocab()
@@ -251,7 +251,8 @@ def test_qwen_defaults_system_message_and_qwen3_thinking_switch():
     user = [{"role": "user", "content": "Hi"}]
     qwen25 = transformers.AutoTokenizer.from_pretrained("Qwen/Qwen2.5-7B-Instruct")
     assert qwen25.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == (
-        f"<|im_start|>system\n{hub.QWEN_DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        f"<|im_start|>system\n{stand_ins.QWEN_DEFAULT_SYSTEM}<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     qwen3 = transformers.AutoTokenizer.from_pretrained("Qwen/Qwen3-8B")
     plain = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert qwen3.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == plain
@@ -288,21 +289,22 @@ def test_gemma_sentencepiece_model_and_converted_tokenizer_json_agree(seeded):
 @pytest.mark.parametrize("repo_id", list(MODELS))
 def test_stand_in_config_keeps_the_real_layout_at_tiny_sizes(repo_id):
     family, kv_heads, tied = MODELS[repo_id]
-    config = hub.stand_in_config(repo_id, hub.TinySize(), vocab_size=1088)
-    real = hub.real_config(repo_id)
+    config = stand_ins.stand_in_config(repo_id, stand_ins.TinySize(), vocab_size=1088)
+    real = stand_ins.real_config(repo_id)
     assert (config.family, config.num_kv_heads, config.tie_embeddings) == (family, kv_heads, tied)
     assert (config.rope_theta, config.rms_norm_eps) == (real.rope_theta, real.rms_norm_eps)
     assert (config.hidden_size, config.num_layers, config.num_heads, config.head_dim) == (64, 2, 4, 16)
-    smaller = hub.stand_in_config(repo_id, hub.TinySize(hidden_size=32, num_layers=1, num_heads=2, head_dim=8,
-                                                        intermediate_size=64), vocab_size=1088)
+    smaller = stand_ins.stand_in_config(
+        repo_id, stand_ins.TinySize(hidden_size=32, num_layers=1, num_heads=2, head_dim=8, intermediate_size=64),
+        vocab_size=1088)
     assert smaller.num_params() < config.num_params()
 
 
 def test_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="'meta-llama/Llama-3-8B'.*PRESETS"):
-        hub.real_config("meta-llama/Llama-3-8B")
+        stand_ins.real_config("meta-llama/Llama-3-8B")
     with pytest.raises(ValueError, match="tokenizer_vocab=1000"):
-        hub.seed_cache(str(tmp_path), {"Qwen/Qwen3-8B": hub.TinySize()}, tokenizer_vocab=1000)
+        hub.seed_cache(str(tmp_path), {"Qwen/Qwen3-8B": stand_ins.TinySize()}, tokenizer_vocab=1000)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text("")
     with pytest.raises(FileNotFoundError, match="no test.jsonl in .*data.*train.jsonl"):

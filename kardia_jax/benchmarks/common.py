@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: the bench-tiny model in both frameworks, a median timer, and the guard that
-names the `bench` extra when an optional framework (torch, trl) is missing."""
+"""Shared pieces of the benchmarks: the bench-tiny model in both frameworks, a median timer, the guard that
+names the `bench` extra when an optional framework (torch, trl) is missing, and what both sides of the GRPO
+step benchmark share (the objective's constants, per-phase medians)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ import numpy as np
 BENCH_PRESET = "bench-tiny"  # Qwen2, 4 layers, hidden 256, 4 heads, 2 KV heads, mlp 1024, vocab 8192
 # The reference frameworks that the default install leaves out (pyproject.toml's `bench` extra).
 BENCH_EXTRA_MODULES = ("torch", "trl")
+
+# The GRPO step benchmark's objective, the same on both sides (kardia_jax: grpo.py, TRL: grpo_trl.py).
+BETA = 0.04
+LEARNING_RATE = 1e-6
+GRAD_CLIP = 1.0  # TRL's max_grad_norm default and kardia_jax's grpo.grad_clip default
 
 
 @contextlib.contextmanager
@@ -63,6 +69,11 @@ def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def medians(records: list[dict[str, float]]) -> dict[str, float]:
+    keys = records[0].keys()
+    return {k: statistics.median(r[k] for r in records) for k in keys}
 
 
 def set_torch_threads() -> int:

@@ -24,18 +24,17 @@ Then the cost of the rubric judge in kardia_jax's step: a judge the size of the 
 weights, seed 1) reading the shipped tokenizer's rubric prompts for the same completions, with the contexts
 of shipped sample prompts; the reward phase is re-timed with the judge in it.
 
-The last line is `grpo step speedup vs trl: X.XX` (TRL step time / kardia_jax step time).
+The last line is `grpo step speedup vs trl: X.XX` (TRL step time / kardia_jax step time). This module holds
+kardia_jax's side and the command line; TRL's side is `grpo_trl`.
 
     python -m kardia_jax.benchmarks.grpo
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import statistics
-import tempfile
 import time
 from typing import Any
 
@@ -45,7 +44,9 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from kardia_jax.benchmarks.common import BENCH_PRESET, bench_extra, bench_models, random_prompts, set_torch_threads
+from kardia_jax.benchmarks.common import (BENCH_PRESET, BETA, GRAD_CLIP, LEARNING_RATE, bench_extra, bench_models,
+                                         medians, random_prompts, set_torch_threads)
+from kardia_jax.benchmarks.grpo_trl import trl_grpo, trl_version
 
 flags.DEFINE_integer("num_prompts", 8, "Distinct prompts per step.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt length (tokens).")
@@ -64,15 +65,7 @@ flags.DEFINE_integer("judge_context_buckets", 3, "Context widths the judge reads
 flags.DEFINE_integer("judge_response_tokens", 0, "Judge prompt budget for the response; 0: --new_tokens.")
 FLAGS = flags.FLAGS
 
-BETA = 0.04
-LEARNING_RATE = 1e-6
-GRAD_CLIP = 1.0  # TRL's max_grad_norm default and kardia_jax's grpo.grad_clip default
 PHASES = ("sample", "reference", "reward", "update")
-
-
-def _medians(records: list[dict[str, float]]) -> dict[str, float]:
-    keys = records[0].keys()
-    return {k: statistics.median(r[k] for r in records) for k in keys}
 
 
 def _seconds(t: float) -> str:
@@ -210,13 +203,13 @@ class KardiaGRPO:
                                  f"{self.new_tokens}.")
         if not np.isfinite(float(self.stats["loss"])):
             raise AssertionError(f"kardia_jax GRPO loss is {float(self.stats['loss'])}.")
-        return KardiaResult(_medians(self.records), [r["step"] for r in self.records], None)
+        return KardiaResult(medians(self.records), [r["step"] for r in self.records], None)
 
     def judge_cost(self, repeats: int, context_tokens: int, response_tokens: int,
                    context_buckets: int = 1) -> dict[str, Any]:
         """The reward phase re-timed with a policy-sized rubric judge in it, on the last step's completions."""
         return _judge_cost(self.model_config, self.tokenizer, self.out, self.num_prompts, self.num_samples, repeats,
-                           context_tokens, response_tokens or self.new_tokens, _medians(self.records)["reward"],
+                           context_tokens, response_tokens or self.new_tokens, medians(self.records)["reward"],
                            self.config.grpo, context_buckets)
 
 
@@ -285,150 +278,6 @@ def _judge_cost(model_config, tokenizer, out, num_prompts: int, num_samples: int
     }
 
 
-# -- TRL ------------------------------------------------------------------------------------------
-
-
-def word_level_tokenizer(vocab_size: int):
-    """A `PreTrainedTokenizerFast` whose tokens are whitespace-separated words mapping 1:1 to ids:
-    "<pad>" 0, "<eos>" 1, "<unk>" 2, then "t3".."t{vocab_size - 1}"."""
-    import tokenizers
-    import transformers
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"t{i}": i for i in range(3, vocab_size)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
-
-
-def even_fraction_reward(completion_ids, **kwargs):
-    """TRL reward function: the fraction of even token ids in each completion."""
-    del kwargs
-    return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
-
-
-def trl_grpo(hf_model, prompts: np.ndarray, *, num_samples: int, new_tokens: int, repeats: int = 3,
-             warmup: int = 1, after_timed_step=None) -> tuple[dict[str, float], list[float]]:
-    """Median step and phase times, and every timed step's time, of TRL's `GRPOTrainer` training `hf_model` (a
-    transformers model, saved to a temporary directory: TRL loads its reference model from the policy's path) on
-    `prompts` [B, P]. `after_timed_step()`, if given, runs after each timed step, outside its time."""
-    import datasets
-    import transformers
-
-    with bench_extra():
-        import torch
-        import trl
-
-    num_prompts = prompts.shape[0]
-    vocab = hf_model.config.vocab_size
-    tokenizer = word_level_tokenizer(vocab)
-    texts = [" ".join(f"t{int(i)}" for i in row) for row in prompts]
-    for text, row in zip(texts, prompts):
-        if tokenizer(text)["input_ids"] != [int(i) for i in row]:
-            raise AssertionError("the word-level tokenizer does not map the prompt text back to its ids")
-    dataset = datasets.Dataset.from_dict({"prompt": texts})
-
-    records: list[dict[str, float]] = []
-    current: dict[str, float] = collections.defaultdict(float)
-    lengths: list[int] = []
-
-    class StepTimer(transformers.TrainerCallback):
-        """Wall time of each optimizer step: on_step_begin (after the batch is fetched) to on_step_end."""
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            current.clear()
-            current["start"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            current["step"] = time.perf_counter() - current.pop("start")
-            records.append(dict(current))
-            if after_timed_step is not None and len(records) > warmup:
-                after_timed_step()
-
-    def reward(completion_ids, **kwargs):
-        lengths.extend(len(ids) for ids in completion_ids)
-        return even_fraction_reward(completion_ids, **kwargs)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = os.path.join(tmp, "policy")
-        hf_model.save_pretrained(model_dir)
-        args = trl.GRPOConfig(
-            output_dir=os.path.join(tmp, "out"),
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            report_to=[],
-            logging_strategy="no",
-            save_strategy="no",
-            eval_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=0,
-            max_steps=warmup + repeats,
-            model_init_kwargs={"dtype": torch.float32},
-            # one update per step on the whole generation batch of B x G completions
-            per_device_train_batch_size=num_prompts * num_samples,
-            gradient_accumulation_steps=1,
-            num_generations=num_samples,
-            num_iterations=1,
-            # sampling: exactly new_tokens (min_new_tokens masks EOS), temperature 1, no top-k / top-p
-            max_completion_length=new_tokens,
-            generation_kwargs={"min_new_tokens": new_tokens},
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            # loss: the same GRPO objective as kardia_jax's config
-            beta=BETA,
-            epsilon=0.2,
-            loss_type="dapo",
-            scale_rewards="group",
-            learning_rate=LEARNING_RATE,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            max_grad_norm=GRAD_CLIP,
-            optim="adamw_torch",
-            # off: what kardia_jax does not do
-            gradient_checkpointing=False,
-            use_vllm=False,
-            use_liger_kernel=False,
-            cast_lm_head_to_fp32=False,
-            log_completions=False,
-            disable_dropout=True,
-            torch_compile=False,
-        )
-        trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=reward, args=args, train_dataset=dataset,
-                                  processing_class=tokenizer, callbacks=[StepTimer()])
-
-        def timed(name, fn, when=None):
-            def wrapper(*a, **k):
-                start = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    if when is None or when(*a, **k):
-                        current[name] += time.perf_counter() - start
-
-            return wrapper
-
-        trainer._generate = timed("sample", trainer._generate)  # pylint: disable=protected-access
-        trainer._get_per_token_logps_and_entropies = timed(  # pylint: disable=protected-access
-            "reference", trainer._get_per_token_logps_and_entropies,  # pylint: disable=protected-access
-            when=lambda model, *a, **k: model is trainer.ref_model)
-        trainer._generate_and_score_completions = timed(  # pylint: disable=protected-access
-            "rollout", trainer._generate_and_score_completions)  # pylint: disable=protected-access
-        trainer.train()
-
-    if len(records) != warmup + repeats:
-        raise AssertionError(f"TRL ran {len(records)} steps, expected {warmup + repeats}")
-    if set(lengths) != {new_tokens}:
-        raise AssertionError(f"TRL completions have lengths {sorted(set(lengths))}, expected exactly {new_tokens}")
-    for r in records:
-        r["reward"] = r["rollout"] - r["sample"] - r["reference"]
-        r["update"] = r["step"] - r["rollout"]
-    return _medians(records[warmup:]), [r["step"] for r in records[warmup:]]
-
-
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -478,7 +327,7 @@ def main(_):
     print(f"kardia_jax step:  {_format_phases(t_ours)}")
     print(f"  steps: {', '.join(_seconds(t) for t in result.steps)}", flush=True)
     if t_trl is not None:
-        print(f"TRL {_trl_version()} step:  {_format_phases(t_trl)}")
+        print(f"TRL {trl_version()} step:  {_format_phases(t_trl)}")
         print(f"  steps: {', '.join(_seconds(t) for t in trl_steps)}")
         print("  (TRL sample = _generate incl. tokenize/decode; reward = rest of _generate_and_score_completions; "
               "update = loss forward + backward + clip + optimizer.step)", flush=True)
@@ -508,13 +357,6 @@ def main(_):
     for p in PHASES:
         print(f"  {p:9s} kardia_jax {_seconds(t_ours[p]):>9s}   TRL {_seconds(t_trl[p]):>9s}   x{t_trl[p] / t_ours[p]:.2f}")
     print(f"grpo step speedup vs trl: {t_trl['step'] / t_ours['step']:.2f}")
-
-
-def _trl_version() -> str:
-    with bench_extra():
-        import trl
-
-    return trl.__version__
 
 
 if __name__ == "__main__":
