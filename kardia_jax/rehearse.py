@@ -50,7 +50,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from kardia_jax.rehearsal.faults import rehearse_faults
-from kardia_jax.rehearsal.jobs import Rehearsal, check_export, reward_table, summarize
+from kardia_jax.rehearsal.jobs import Rehearsal, check_export, evaluation_table, reward_table, summarize
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen7b_tpu.py", "The TPU config to rehearse.")
 _PROCESSES = flags.DEFINE_integer("processes", 2, "JAX processes (the pod's hosts).")
@@ -97,7 +97,6 @@ SIZE_KEYS = re.compile(
     r"|judge\.(max_context_tokens|max_response_tokens|rows_per_chunk|context_buckets)"
     r"|eval\.(max_samples|max_new_tokens|batch_size|judge_decode_tokens))$"
 )
-JOBS = ("sft", "train", "evaluate")
 
 
 # -- the config ------------------------------------------------------------------------------------
@@ -202,7 +201,8 @@ def main(argv):
         else:
             job = r.run("grpo", "train", r.flags())
             print("\n" + reward_table(job.output(0)))
-        r.run("evaluate grpo/hf", "evaluate", r.flags() + [f"--checkpoint={config.workdir}/grpo/hf"])
+        job = r.run("evaluate grpo/hf", "evaluate", r.flags() + [f"--checkpoint={config.workdir}/grpo/hf"])
+        print("\n" + evaluation_table(job.output(0)))
         for export in ("sft/hf", "grpo/hf"):
             print(check_export(f"{config.workdir}/{export}", storage))
         print(f"\nRehearsal of {config_file} passed in {time.monotonic() - start:.0f} s. Bucket gs://{bucket}:")

@@ -67,7 +67,8 @@ def _rehearse(*args: str, timeout: int = 2400) -> str:
 def _check_end_to_end(out: str, name: str) -> None:
     workdir = f"gs://your-bucket/kardia/{name}"
     for written in ("sft/hf/config.json", "sft/hf/model.safetensors", "sft/metrics.jsonl", "grpo/metrics.jsonl",
-                    "grpo/rewards.png", "grpo/hf/config.json", "grpo/hf/model.safetensors"):
+                    "grpo/rewards.png", "grpo/hf/config.json", "grpo/hf/model.safetensors", "eval/eval.json",
+                    "eval/radar.png", "eval/grpo/samples.jsonl", "eval/grpo/settings.json"):
         assert f"{workdir}/{written}" in out, written
     for step in ("sft/2", "sft/4", "grpo/2", "grpo/4"):  # (and more in the fault run)
         assert re.search(rf"{re.escape(workdir)}/{step}/ \(\d+ objects, complete\)", out), step
@@ -75,6 +76,8 @@ def _check_end_to_end(out: str, name: str) -> None:
     table = out[out.index("reward component"):]
     assert re.search(r"reward/total\s+(\d\.\d{3}|-)\s+\d\.\d{3}", table)  # no "before" in a resumed run
     assert re.search(r"reward/rubric/empathy\s+(\d\.\d{3}|-)\s+\d\.\d{3}", table)  # the judge was read
+    # The paper's table of the GRPO export, its judge read on every process (12 prompts: a full batch and a part).
+    assert re.search(r"grpo\s+read\s+12\s+\d+\.\d \(\d+\.\d-\d+\.\d\)\s+\d\.\d\d±\d\.\d\d", out)
     for export in ("sft/hf", "grpo/hf"):
         assert re.search(rf"transformers loads {re.escape(workdir)}/{export}: config \(\w+\), tokenizer \(\d+ ids\), "
                          r"model \(\d+ parameters\)", out), export

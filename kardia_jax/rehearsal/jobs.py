@@ -166,6 +166,12 @@ def reward_table(output: str) -> str:
     return output[start:].strip() if start >= 0 else "(no reward table in process 0's output)"
 
 
+def evaluation_table(output: str) -> str:
+    """The table `kardia_jax.evaluate` prints (with its notes, up to the list of its files)."""
+    start, end = output.rfind("Evaluation on "), output.rfind("evaluate outputs:")
+    return output[start:end].strip() if 0 <= start < end else "(no evaluation table in process 0's output)"
+
+
 def check_export(uri: str, storage) -> str:
     """Loads an HF export from the bucket with transformers (the model itself where torch is installed)."""
     import importlib.util  # pylint: disable=import-outside-toplevel
