@@ -172,13 +172,19 @@ def _read_records(directory: str, settings: dict[str, Any], samples: Sequence[Tu
     return found
 
 
-def _done_mask(records: dict[int, dict], num_samples: int) -> np.ndarray:
-    """[num_samples] bool: which prompts process 0's records hold, the same on every process."""
-    done = np.zeros(num_samples, np.int32)
+def _done_mask(records: dict[int, dict], num_samples: int, error: Exception | None) -> np.ndarray:
+    """[num_samples] bool: which prompts process 0's records hold, the same on every process. When process
+    0 could not read them (`error`), every process raises, so that none waits for the others."""
+    done = np.zeros(num_samples + 1, np.int32)  # the last entry: process 0 failed
     done[list(records)] = 1
+    done[num_samples] = error is not None
     if jax.process_count() > 1:
         done = np.asarray(multihost_utils.broadcast_one_to_all(done))
-    return done.astype(bool)
+    if error is not None:
+        raise error
+    if done[num_samples]:
+        raise RuntimeError("Process 0 could not resume the evaluation; its log says why.")
+    return done[:num_samples].astype(bool)
 
 
 def evaluate_checkpoint(model: Decoder, tokenizer: Tokenizer, samples: Sequence[TurnSample], *, label: str,
@@ -187,8 +193,13 @@ def evaluate_checkpoint(model: Decoder, tokenizer: Tokenizer, samples: Sequence[
     """Generates, judges and records every prompt not yet in `directory`/samples.jsonl; returns every
     record of the checkpoint, in sample order (module docstring)."""
     primary = jax.process_index() == 0
-    records = _read_records(directory, settings, samples) if primary else {}
-    done = _done_mask(records, len(samples))
+    records, error = {}, None
+    if primary:
+        try:
+            records = _read_records(directory, settings, samples)
+        except ValueError as e:
+            error = e
+    done = _done_mask(records, len(samples), error)
     todo = [i for i in range(len(samples)) if not done[i]]
     if primary:
         storage.write_text(f"{directory}/settings.json", json.dumps(settings, indent=1))
