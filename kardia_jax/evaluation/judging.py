@@ -68,7 +68,6 @@ class EvaluationJudge:
         self.judge, self.params, self.mesh, self.rows = judge, params, mesh, int(rows)
         self.decode_tokens = int(decode_tokens)
         tokenizer = judge.tokenizer
-        self._score = jax.jit(judge.score_prompts)
         self._decode = make_sampler(judge.graphdef, SamplingConfig(
             num_samples=1, max_new_tokens=self.decode_tokens, temperature=0.0,
             stop_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id))
@@ -93,7 +92,7 @@ class EvaluationJudge:
         has_response = (prompts.response_mask.sum(axis=1) > len(self.judge.tail_ids))[:n]
         if mode == "read":
             placed = type(prompts)(*(scaffold.distribute(x, self.mesh) for x in prompts))
-            read = sharding.to_host(self._score(self.params, placed))[:n]  # [N, 5] in [0, 1]; 0 without a span
+            read = sharding.to_host(self.judge.score_prompts_jit(self.params, placed))[:n]  # [N, 5] in [0, 1]; 0 without a span
             return JudgeScores(1.0 + 4.0 * read.astype(np.float64), has_response)
         replies = self._replies(prompts)[:n]
         parsed_scores = [[parse_score(reply) for reply in row] for row in replies]

@@ -93,14 +93,14 @@ class RubricJudge(PromptBuilder):
         self.rules = model.rules
         self.rows_per_chunk = int(rows_per_chunk)
         self.shared_vocab = same_vocabulary(self.policy_tokenizer, tokenizer) if shared_vocab is None else bool(shared_vocab)
-        self._score_prompts_jit = jax.jit(self.score_prompts)
+        self.score_prompts_jit = jax.jit(self.score_prompts)  # the host paths: score_texts, evaluation
 
     # -- the host path: completion texts ----------------------------------------------------------------
 
     def score_texts(self, params, completions: Sequence[str], samples: Sequence[TurnSample]) -> np.ndarray:
         """Host path: [N, 5] float32 scores of completion texts (decoded with the span markers kept, e.g.
         by `decode_completions`), with the same jitted scorer as the in-graph path."""
-        return np.asarray(self._score_prompts_jit(params, self.assemble_texts(completions, samples)))
+        return np.asarray(self.score_prompts_jit(params, self.assemble_texts(completions, samples)))
 
     # -- in-graph: the response span and the packing --------------------------------------------------
 
