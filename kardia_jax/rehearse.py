@@ -49,7 +49,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from kardia_jax.rehearsal.faults import rehearse_faults
+from kardia_jax.rehearsal.faults import fault_steps, rehearse_faults
 from kardia_jax.rehearsal.jobs import Rehearsal, check_export, evaluation_table, reward_table, summarize
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen7b_tpu.py", "The TPU config to rehearse.")
@@ -173,6 +173,8 @@ def main(argv):
     config = apply(_CONFIG.value, overrides)
     n, d = _PROCESSES.value, _DEVICES.value
     check_pod_config(config, n, d)
+    if _FAULTS.value:
+        fault_steps(config)  # a GRPO too short to kill during its second save fails now, not after SFT
     print(f"Rehearsing {config_file}: {n} processes x {d} CPU devices, workdir {config.workdir}")
     print("Size overrides: " + ", ".join(f"{k}={v}" + ("" if k in given else " (rehearsal default)")
                                          for k, v in overrides.items()))

@@ -20,6 +20,7 @@ from absl import app
 
 from kardia_jax import config as config_lib
 from kardia_jax import rehearse, sharding
+from kardia_jax.rehearsal.faults import fault_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +55,21 @@ def test_a_config_that_is_not_a_pod_config_or_does_not_fit_the_devices_is_refuse
         rehearse.check_pod_config(config, 2, 4)
     with pytest.raises(ValueError, match="at most one"):
         sharding.mesh_sizes(-1, -1, 1, 8)
+
+
+def test_a_grpo_too_short_for_the_fault_run_is_refused_before_any_job():
+    config = rehearse.apply(_tpu_config("gemma7b_tpu"), rehearse.size_overrides(_tpu_config("gemma7b_tpu"), {}))
+    every = config.grpo.save_every
+    config.grpo.max_steps = 2 * every + 1
+    assert fault_steps(config) == (every, 2 * every)
+    config.grpo.max_steps = 2 * every
+    with pytest.raises(app.UsageError, match=r"grpo.max_steps > 2 x grpo.save_every"):
+        fault_steps(config)
+    result = subprocess.run([sys.executable, "-m", "kardia_jax.rehearse", "--config=configs/gemma7b_tpu.py",
+                             "--faults", f"--config.grpo.max_steps={2 * every}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode != 0 and "grpo.max_steps > 2 x grpo.save_every" in result.stderr + result.stdout
+    assert "Seeded" not in result.stdout  # refused before the hub, the bucket or SFT
 
 
 def _rehearse(*args: str, timeout: int = 2400) -> str:

@@ -28,15 +28,21 @@ def _checkpoint_state(listing: list[str], directory: str, step: int) -> str:
     return "complete" if f"{prefix}commit_success.txt" in names else "writing"
 
 
+def fault_steps(config) -> tuple[int, int]:
+    """(save_every, the step whose save is killed); raises before any job runs if GRPO is too short for it."""
+    every, total = config.grpo.save_every, config.grpo.max_steps
+    kill_step = 2 * every
+    if total <= kill_step:
+        raise app.UsageError(f"--faults needs grpo.max_steps > 2 x grpo.save_every ({total} <= {kill_step}).")
+    return every, kill_step
+
+
 def rehearse_faults(r: Rehearsal) -> None:
     """GRPO uninterrupted vs GRPO killed during a save, resumed, sent SIGTERM, resumed: equal params."""
     from kardia_jax import storage  # pylint: disable=import-outside-toplevel
 
-    g = r.config.grpo
-    every, total = g.save_every, g.max_steps
-    kill_step = 2 * every
-    if total <= kill_step:
-        raise app.UsageError(f"--faults needs grpo.max_steps > 2 x grpo.save_every ({total} <= {kill_step}).")
+    every, kill_step = fault_steps(r.config)
+    total = r.config.grpo.max_steps
     workdir = r.config.workdir
     grpo_dir = f"{workdir}/grpo"
     reference = f"{workdir}-reference"
