@@ -29,7 +29,7 @@ from flax import nnx
 from kardia_jax import sharding
 from kardia_jax.models.attention import KVBlock, KVCache, attend, causal_mask
 from kardia_jax.models.config import DTYPES, ModelConfig
-from kardia_jax.models.layers import apply_rope, dense, rms_norm, rope_tables
+from kardia_jax.models.layers import apply_rope, dense, embedding_lookup, rms_norm, rope_tables
 from kardia_jax.models.logprobs import chunked_logprobs
 
 
@@ -99,13 +99,7 @@ class Decoder(nnx.Module):
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, D] in the compute dtype (scaled by sqrt(D) for Gemma)."""
         dtype = DTYPES[self.config.dtype]
-        # The table gathered whole (as FSDP gathers every weight for its use) and the ids kept split over
-        # the batch: each device looks up only its own rows. Left to itself, the SPMD partitioner gathers
-        # the ids too and computes the whole batch's lookup on every device, then re-splits it.
-        # Cast first, so what is gathered is the compute-dtype table, not the float32 master.
-        table = sharding.constrain(self.embed[...].astype(dtype), (None, None), self.rules)  # [V, D], replicated
-        tokens = self._constrain(tokens, "activation_batch", "activation_length")
-        x = jnp.take(table, tokens, axis=0)
+        x = embedding_lookup(self.embed[...], tokens, dtype, self.rules)  # [B, T, D], split over the batch
         if self.config.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), dtype)
         return self._constrain(x, "activation_batch", "activation_length", "activation_embed")
