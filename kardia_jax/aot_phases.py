@@ -110,7 +110,7 @@ def build_phases(config: ml_collections.ConfigDict, mesh, policy: ModelConfig, j
     rules = sharding.rules_from_config(config.rules)
     graphdef, params = loading.abstract_model(policy, mesh, rules)
     params = nnx.to_pure_dict(params)  # the trainers' representation (`scaffold.split_params`)
-    optimizer = optim.make_optimizer(g.learning_rate, g.warmup_steps, 1000, g.weight_decay, g.grad_clip)
+    optimizer = optim.make_optimizer(g.learning_rate, g.warmup_steps, 1000, g.weight_decay, g.grad_clip, g.mu_dtype)
     opt_shardings = optim.optimizer_shardings(optimizer, params)  # as `optim.init_optimizer` lays it out
     opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                              jax.eval_shape(optimizer.init, params), opt_shardings)
@@ -136,7 +136,7 @@ def build_phases(config: ml_collections.ConfigDict, mesh, policy: ModelConfig, j
     phases = {}
     if "sft" in names:
         length, rows_sft = config.data.max_length, s.global_batch_size
-        sft_optimizer = optim.make_optimizer(s.learning_rate, 0, 1000, s.weight_decay, s.grad_clip)
+        sft_optimizer = optim.make_optimizer(s.learning_rate, 0, 1000, s.weight_decay, s.grad_clip, s.mu_dtype)
         step = sft.make_train_step(graphdef, sft_optimizer, num_microbatches=s.grad_accum_steps,
                                    param_shardings=jax.tree.map(lambda x: x.sharding, params),
                                    opt_shardings=opt_shardings, chunk_size=s.logits_chunk_size, rules=rules)

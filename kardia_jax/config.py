@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.warmup_ratio = 0.03  # of the total steps
     c.sft.weight_decay = 0.0  # on matrices, not norms and biases
     c.sft.grad_clip = 1.0  # global-norm clipping (0: none)
+    c.sft.mu_dtype = "float32"  # AdamW's first moment: float32 or bfloat16 (half its HBM; the second stays float32)
     c.sft.global_batch_size = 128  # sequences per update, over all processes
     c.sft.grad_accum_steps = 1  # microbatches per update (a lax.scan inside the step)
     c.sft.num_epochs = 2
@@ -114,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.warmup_steps = 0  # in rollout steps; the schedule counts updates (num_iterations per step)
     c.grpo.weight_decay = 0.0
     c.grpo.grad_clip = 1.0  # global-norm clipping (0: none)
+    c.grpo.mu_dtype = "float32"  # AdamW's first moment: float32 or bfloat16 (half its HBM; the second stays float32)
     c.grpo.prompts_per_step = 32  # B, over all processes
     c.grpo.num_samples = 8  # G
     c.grpo.num_epochs = 2

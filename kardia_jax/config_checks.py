@@ -31,6 +31,7 @@ from kardia_jax.rewards.combine import DEFAULT_WEIGHTS
 
 STAGES = ("sft", "grpo", "eval")  # the entry points' uses of a config: sft.run, train.run, evaluate.main
 JUDGE_MODES = ("read", "decoded", "both", "none")  # eval.judge_mode (kardia_jax/evaluate.py)
+MU_DTYPES = ("float32", "bfloat16")  # sft.mu_dtype, grpo.mu_dtype: AdamW's first moment (optim.make_optimizer)
 
 
 class ConfigError(ValueError):
@@ -197,6 +198,7 @@ def _sft_problems(config, batch_devices: int | None) -> list[str]:
     """batch_devices: data x fsdp (None: the mesh does not resolve, already a problem)."""
     sft = config.sft
     problems = _one_of("sft.subset", sft.subset, SUBSETS)
+    problems += _one_of("sft.mu_dtype", sft.mu_dtype, MU_DTYPES)
     problems += _positive(config, "sft.global_batch_size", "sft.grad_accum_steps", "sft.log_every", "sft.save_every",
                           "sft.logits_chunk_size")
     if not problems and batch_devices and sft.global_batch_size % (sft.grad_accum_steps * batch_devices):
@@ -211,6 +213,7 @@ def _grpo_problems(config, batch_devices: int | None) -> list[str]:
     """batch_devices: data x fsdp (None: the mesh does not resolve, already a problem)."""
     g = config.grpo
     problems = _one_of("grpo.subset", g.subset, SUBSETS)
+    problems += _one_of("grpo.mu_dtype", g.mu_dtype, MU_DTYPES)
     problems += _one_of("grpo.kl_estimator", g.kl_estimator, KL_ESTIMATORS)
     problems += _one_of("grpo.loss_aggregation", g.loss_aggregation, LOSS_AGGREGATIONS)
     problems += _one_of("grpo.scale_rewards", g.scale_rewards, REWARD_SCALINGS)

@@ -65,14 +65,16 @@ def _decays(path, leaf) -> bool:
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
-                   grad_clip: float) -> optax.GradientTransformationExtraArgs:
-    """AdamW on the warm-up + cosine schedule (steps counted in updates), after clipping the gradient's
+                   grad_clip: float, mu_dtype: str = "float32") -> optax.GradientTransformationExtraArgs:
+    """AdamW on the warm-up + cosine schedule (steps counted in updates), its first moment stored in
+    `mu_dtype` (the second in float32), after clipping the gradient's
     global norm to `grad_clip` (0: no clipping), inside `skip_nonfinite`: call
     `update(grads, state, params, loss=loss)` and apply with `apply_updates`. Works on any parameter
     pytree (pure dicts or nnx.State)."""
     schedule = make_schedule(learning_rate, warmup_steps, total_steps)
     mask = lambda params: jax.tree_util.tree_map_with_path(_decays, params)
-    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=mask)
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=mask,
+                        mu_dtype=jnp.dtype(mu_dtype))
     if grad_clip and grad_clip > 0:
         return skip_nonfinite(optax.chain(optax.clip_by_global_norm(grad_clip), adamw))
     return skip_nonfinite(adamw)

@@ -192,7 +192,7 @@ def run(config: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, 
                      total_steps, pipeline.batches_per_epoch, sft.num_epochs, sft.global_batch_size, k, warmup_steps)
 
         optimizer = optim.make_optimizer(sft.learning_rate, warmup_steps, total_steps, sft.weight_decay,
-                                         sft.grad_clip)
+                                         sft.grad_clip, sft.mu_dtype)
         opt_state = optim.init_optimizer(optimizer, params)
         iterator = iter(pipeline)
         ckpt = checkpoints.Checkpointer(workdir, save_interval_steps=sft.save_every,

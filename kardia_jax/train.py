@@ -95,7 +95,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         # The schedule counts updates, num_iterations (mu) per step: warm-up and decay span mu times the steps.
         mu = g.num_iterations
         optimizer = optim.make_optimizer(g.learning_rate, g.warmup_steps * mu, total_steps * mu, g.weight_decay,
-                                         g.grad_clip)
+                                         g.grad_clip, g.mu_dtype)
         opt_state = optim.init_optimizer(optimizer, params)
         steps = Steps(graphdef, params, judge, tokenizer, config, optimizer)
 

@@ -108,6 +108,8 @@ BAD_CASES = [
     (_set(grpo__kl_estimator="k4"), "grpo", r"grpo\.kl_estimator='k4': use one of \('k1', 'k2', 'k3'\)"),
     (_set(grpo__loss_aggregation="sum"), "grpo", r"grpo\.loss_aggregation='sum': use one of"),
     (_set(grpo__scale_rewards="std"), "grpo", r"grpo\.scale_rewards='std': use one of"),
+    (_set(sft__mu_dtype="float16"), "sft", r"sft\.mu_dtype='float16': use one of \('float32', 'bfloat16'\)"),
+    (_set(grpo__mu_dtype="int8"), "grpo", r"grpo\.mu_dtype='int8': use one of"),
     (_set(model__remat="everything"), "sft", r"model\.remat='everything': use one of"),
     (_set(model__dtype="float16"), "eval", r"model\.dtype='float16': use one of \('float32', 'bfloat16'\)"),
     (_set(judge__param_dtype="int8"), "grpo", r"judge\.param_dtype='int8': use one of"),

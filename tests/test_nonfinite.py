@@ -78,6 +78,25 @@ def test_finite_updates_are_the_wrapped_optimizers():
     assert _progress(t) == (3, 0, 0)
 
 
+def test_a_bfloat16_first_moment_is_optax_adamws_with_mu_dtype():
+    """mu_dtype="bfloat16": the first moment is stored in bfloat16 (the second stays float32), and the
+    updates are those of optax.adamw(mu_dtype=bfloat16) exactly (the same float32 arithmetic, jitted alike)."""
+    schedule = optim.make_schedule(1e-2, 0, 10)
+    plain = optax.adamw(schedule, weight_decay=0.0, mu_dtype=jnp.bfloat16)
+    guarded = optim.make_optimizer(1e-2, 0, 10, weight_decay=0.0, grad_clip=0.0, mu_dtype="bfloat16")
+    grads = {"w": jnp.array([[0.3, -1.7], [1e-3, 2.5]]), "final_norm": jnp.array([0.1, -0.2])}
+    p, s = PARAMS, plain.init(PARAMS)
+    q, t = PARAMS, guarded.init(PARAMS)
+    step, plain_step = _step(guarded), jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(*plain.update(grads, s, p)))
+    for _ in range(3):
+        p, s = plain_step(p, s)
+        q, t = step(q, t, grads, 1.0)
+    assert_same_bits(q, p)
+    adam = t.inner[0]
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(adam.mu))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(adam.nu))
+
+
 def test_learning_rate_of_the_latest_update():
     """The schedule index of the latest update: the count before it, which a skipped update leaves alone."""
     applied = optim.OptimizerProgress(updates=5, nonfinite=1, consecutive_nonfinite=0)

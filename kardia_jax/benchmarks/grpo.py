@@ -140,7 +140,8 @@ class KardiaGRPO:
         device = jax.devices()[0]
         self.params = jax.device_put(params, device)
         self.ref_params = reference_params(self.params, DTYPES[model.config.dtype])  # as the trainer makes it
-        optimizer = optim.make_optimizer(g.learning_rate, g.warmup_steps, total_steps, g.weight_decay, g.grad_clip)
+        optimizer = optim.make_optimizer(g.learning_rate, g.warmup_steps, total_steps, g.weight_decay,
+                                         g.grad_clip, g.mu_dtype)
         self.opt_state = jax.device_put(jax.jit(optimizer.init)(self.params), device)
         self.steps = Steps(graphdef, self.params, None, self.tokenizer, self.config, optimizer)
         self.steps.sample = make_sampler(graphdef, dataclasses.replace(self.steps.sampling, stop_ids=()))
