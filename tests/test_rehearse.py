@@ -102,7 +102,7 @@ def _check_end_to_end(out: str, name: str) -> None:
 def test_rehearsal_survives_sigkill_during_a_save_and_sigterm_and_resumes_exactly():
     """gemma7b_tpu (its Qwen3 judge re-tokenizes the completions on every process), with faults: SIGKILL
     while a checkpoint is written, SIGTERM, two restarts, and the same parameters as an uninterrupted run."""
-    out = _rehearse("--config=configs/gemma7b_tpu.py", "--faults", "--config.grpo.max_steps=6")
+    out = _rehearse("--config=configs/gemma7b_tpu.py", "--faults", "--config.grpo.max_steps=8")  # 4 steps for SIGTERM to land after step 4
     assert out.count("2 processes x 4 CPU devices") >= 4  # the rehearsal, sft, grpo (4 launches), evaluate
     _check_end_to_end(out, "gemma7b_tpu")
     assert "killed while step 4 was being written; newest complete checkpoint: 2" in out
